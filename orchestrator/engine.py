@@ -1,0 +1,126 @@
+"""Building the DeepSpeed engine: config dict, optimizer, learning-rate schedule, precision."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.config import JobConfig
+
+
+def resolve_precision(requested: str, device_type: str) -> str:
+    """'auto' is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if requested != "auto":
+        if device_type == "cpu" and requested == "fp16":
+            raise ValueError("deepspeed.precision: fp16 needs a GPU; use fp32 or bf16 on CPU (or auto)")
+        return requested
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def build_deepspeed_config(config: JobConfig, *, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config for a job; a user's raw JSON (deepspeed.config_file) overrides its keys."""
+    ds = config.deepspeed
+    t = config.training
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if ds.stage == 3:
+        # Gather sharded weights layer by layer to rank 0 when exporting a HF folder.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    result: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size_per_worker,
+        "gradient_accumulation_steps": t.grad_accumulation,
+        "train_batch_size": t.batch_size_per_worker * t.grad_accumulation * world_size,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if ds.config_file:
+        user = json.loads(Path(ds.config_file).read_text())
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            user.pop(key, None)
+        _deep_update(result, user)
+    return result
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and normalisation weights (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, config: JobConfig, *, device_type: str) -> torch.optim.Optimizer:
+    """AdamW built here rather than from DeepSpeed's JSON: DeepSpeed's own Adam kernels JIT-compile
+    (FusedAdam needs nvcc, CPUAdam gcc); torch's fused AdamW on GPU is as fast and needs nothing.
+    Optimizer offload still uses DeepSpeedCPUAdam, which ZeRO-Offload requires for speed."""
+    t = config.training
+    groups = param_groups(model, t.weight_decay)
+    kwargs = {"lr": t.lr, "betas": tuple(t.adam_betas), "eps": t.adam_eps}
+    if config.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=device_type == "cuda", **kwargs)
+
+
+def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak LR at an optimizer step: linear warmup, then linear/cosine decay or flat."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+class WarmupDecay:
+    """Picklable LR lambda (LambdaLR saves callable objects' state, so resume restores it)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, schedule: str):
+        self.total_steps, self.warmup_steps, self.schedule = total_steps, warmup_steps, schedule
+
+    def __call__(self, step: int) -> float:
+        return lr_lambda(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, schedule=self.schedule)
+
+
+def warmup_steps_for(config: JobConfig, total_steps: int) -> int:
+    t = config.training
+    return t.warmup_steps or int(round(t.warmup_ratio * total_steps))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: JobConfig, total_steps: int) -> Any:
+    schedule = WarmupDecay(total_steps, warmup_steps_for(config, total_steps), config.training.lr_schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,232 @@
+"""Running a job on a Ray cluster: checks first, then a Ray Train ``TorchTrainer`` of DeepSpeed workers.
+
+``preflight`` does every check that can be done without the cluster (config, model, data, output dir)
+and reports all failures together; only then is Ray started and are workers reserved.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import JobConfig
+from orchestrator.data import PreparedData, prepare_data
+from orchestrator.errors import ConfigError, ConfigIssue, DataError, ModelError, OrchestratorError
+from orchestrator.models import resolve_model_path
+from orchestrator.tracking import read_metrics
+
+
+@dataclass
+class Preflight:
+    config: JobConfig
+    model_path: str
+    data: PreparedData
+    run_dir: Path
+    storage_path: Path
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    best_metric: float | None
+    final_model: Path | None
+    best_model: Path | None
+    checkpoint_path: str | None
+    wandb: str | None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def preflight(config: JobConfig, *, resume: bool = False, source: str | None = None) -> Preflight:
+    """Check everything that can be checked before taking cluster resources; report all problems at once.
+
+    Raises:
+        ConfigError: listing every problem (missing model, bad data rows, unwritable output, ...).
+    """
+    issues: list[ConfigIssue] = []
+    model_path = ""
+    try:
+        model_path = resolve_model_path(config.model.path)
+    except ModelError as exc:
+        issues.append(ConfigIssue(location="model.path", message=str(exc).removeprefix("model.path: ")))
+    data = None
+    try:
+        data = prepare_data(config.data, config.model.task)
+    except DataError as exc:
+        issues.append(ConfigIssue(location="data", message=str(exc)))
+    if config.deepspeed.config_file and not Path(config.deepspeed.config_file).is_file():
+        issues.append(
+            ConfigIssue(location="deepspeed.config_file", message=f"{config.deepspeed.config_file} not found")
+        )
+    run_dir = (Path(config.output.dir).expanduser() / config.name).resolve()
+    storage = Path(config.output.storage_path).expanduser().resolve() if config.output.storage_path else run_dir / "ray"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        issues.append(
+            ConfigIssue(
+                location="output.dir",
+                message=f"cannot write to {run_dir} ({exc.strerror or exc})",
+                hint="choose a writable output.dir",
+            )
+        )
+    existing = storage / config.name
+    if not resume and existing.exists() and any(existing.glob("checkpoint_*")):
+        issues.append(
+            ConfigIssue(
+                location="name",
+                message=f"a run named {config.name!r} already has checkpoints in {existing}",
+                hint="pass --resume to continue it, or choose another name (nothing is overwritten)",
+            )
+        )
+    if issues:
+        raise ConfigError(issues, source=source)
+    assert data is not None
+    return Preflight(config=config, model_path=model_path, data=data, run_dir=run_dir, storage_path=storage)
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers and the local head get the same environment; W&B reads WANDB_API_KEY from it.
+    ray.init(address=address)
+
+
+def check_cluster_fits(config: JobConfig) -> bool:
+    """Decide use_gpu and fail fast when the cluster can never hold the requested workers.
+
+    Returns:
+        Whether workers use GPUs.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    s = config.scaling
+    gpus = total.get("GPU", 0.0)
+    use_gpu = gpus > 0 if s.use_gpu == "auto" else bool(s.use_gpu)
+    problems = []
+    need_cpu = s.num_workers * s.cpus_per_worker
+    if need_cpu > total.get("CPU", 0.0):
+        problems.append(
+            f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPU = {need_cpu:g} CPUs, but the cluster has "
+            f"{total.get('CPU', 0):g}; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    if use_gpu and s.num_workers * s.gpus_per_worker > gpus:
+        problems.append(
+            f"scaling: {s.num_workers} workers x {s.gpus_per_worker} GPU, but the cluster has {gpus:g} GPUs; "
+            "lower scaling.num_workers or set scaling.use_gpu: false"
+        )
+    for name, amount in s.resources_per_worker.items():
+        if s.num_workers * amount > total.get(name, 0.0):
+            problems.append(f"scaling.resources_per_worker.{name}: the cluster has {total.get(name, 0):g} in all")
+    if problems:
+        raise OrchestratorError("the job can never be scheduled on this cluster:\n  - " + "\n  - ".join(problems))
+    return use_gpu
+
+
+def build_trainer(checked: Preflight, *, use_gpu: bool) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.train_loop import train_loop_per_worker
+
+    config = checked.config
+    s = config.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    payload = {
+        "config": config.to_dict(),
+        "data": checked.data,
+        "model_path": checked.model_path,
+        "run_dir": str(checked.run_dir),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=str(checked.storage_path),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.output.keep_checkpoints),
+        ),
+    )
+
+
+def run_training(
+    config: JobConfig,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    source: str | None = None,
+    progress: Any = None,
+) -> TrainResult:
+    """Run a job end to end on a Ray cluster (a local one is started if none is given).
+
+    Args:
+        config: the validated job.
+        resume: continue a run whose checkpoints exist in storage (after a killed driver).
+        address: Ray address; default RAY_ADDRESS or a new local cluster.
+        source: the config file name, for error messages.
+        progress: called with the run's metrics records while training runs (for progress bars).
+    """
+    checked = preflight(config, resume=resume, source=source)
+    _ensure_ray(address)
+    use_gpu = check_cluster_fits(config)
+    trainer = build_trainer(checked, use_gpu=use_gpu)
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # surfaced in the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="orchestrator-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if progress is not None:
+            progress(read_metrics(checked.run_dir))
+    if progress is not None:
+        progress(read_metrics(checked.run_dir))
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    records = read_metrics(checked.run_dir)
+    evals = [r for r in records if r.get("kind") == "eval"]
+    final_metrics = dict(result.metrics or (evals[-1] if evals else {}))
+    wandb_path = None
+    wandb_dirs = sorted((checked.run_dir / "wandb").glob("*run-*"), key=lambda p: p.stat().st_mtime)
+    if wandb_dirs:
+        wandb_path = str(wandb_dirs[-1])
+    final_dir = checked.run_dir / "final"
+    best_dir = checked.run_dir / "best"
+    return TrainResult(
+        run_dir=checked.run_dir,
+        metrics=final_metrics,
+        best_metric=final_metrics.get("best_metric"),
+        final_model=final_dir if final_dir.exists() else None,
+        best_model=best_dir if best_dir.exists() else None,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        wandb=wandb_path,
+        data=checked.data.summary(),
+    )
+

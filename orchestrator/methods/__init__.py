@@ -1,0 +1,14 @@
+"""Training methods, registered by name (PEFT's ``register_peft_method`` pattern).
+
+A method turns a loaded pretrained model into what the engine trains and says how to compute the loss.
+Adding a method is one new module here plus one ``register_method`` line below.
+"""
+
+from __future__ import annotations
+
+from orchestrator.methods.base import Method, TrainBatchOutput, available_methods, get_method, register_method
+from orchestrator.methods.full import FullFineTune
+
+register_method(FullFineTune())
+
+__all__ = ["Method", "TrainBatchOutput", "available_methods", "get_method", "register_method"]

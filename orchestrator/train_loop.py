@@ -1,0 +1,373 @@
+"""The training loop each Ray Train worker runs: one DeepSpeed engine per worker.
+
+Read top to bottom: set up (model, engine, data), resume from the latest Ray checkpoint if there is one,
+then step, log, evaluate and checkpoint until the step budget is spent, and export the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import JobConfig
+from orchestrator.data import (
+    Collator,
+    PreparedData,
+    RowReader,
+    batches_per_epoch,
+    eval_batch_indices,
+    train_batch_indices,
+)
+from orchestrator.engine import build_deepspeed_config, build_optimizer, build_scheduler, resolve_precision
+from orchestrator.errors import TrainingError
+from orchestrator.export import export_hf_folder
+from orchestrator.methods import get_method
+from orchestrator.models import load_model, load_tokenizer
+from orchestrator.tracking import Tracker
+
+DS_TAG = "ds"
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint so a restart continues exactly here."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    samples_seen: int = 0
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    total_steps: int
+    batches_per_epoch: int
+
+    @classmethod
+    def for_job(cls, config: JobConfig, n_train: int, world_size: int) -> StepBudget:
+        t = config.training
+        per_epoch = batches_per_epoch(n_train, world_size, t.batch_size_per_worker)
+        if per_epoch == 0:
+            raise TrainingError(
+                f"{n_train} training rows are too few for {world_size} workers x batch size "
+                f"{t.batch_size_per_worker}; lower training.batch_size_per_worker or scaling.num_workers"
+            )
+        if t.max_steps is not None:
+            total = t.max_steps
+        else:
+            total = max(1, int(t.epochs * per_epoch) // t.grad_accumulation)
+        return cls(total_steps=total, batches_per_epoch=per_epoch)
+
+
+def best_metric_name(config: JobConfig, data: PreparedData) -> tuple[str | None, str]:
+    t = config.training
+    if t.metric != "auto":
+        mode = t.metric_mode if t.metric_mode != "auto" else ("min" if t.metric.endswith(("loss", "perplexity")) else "max")
+        return t.metric, mode
+    if not data.evals:
+        return None, "max"
+    first = data.evals[0].name
+    if config.model.task == "causal-lm":
+        return f"{first}/loss", "min"
+    return f"{first}/accuracy", "max"
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any,
+    reader: RowReader,
+    collator: Collator,
+    *,
+    task: str,
+    num_labels: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Loss and accuracy/macro-F1 (classification) or perplexity (causal LM) over a whole eval set."""
+    engine.eval()
+    n = len(reader.scanned)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    count = torch.zeros(1, dtype=torch.float64)
+    confusion = torch.zeros(max(num_labels, 1), max(num_labels, 1), dtype=torch.float64)
+    started = time.perf_counter()
+    for indices, weights in eval_batch_indices(n, rank=rank, world_size=world_size, batch_size=batch_size):
+        batch = collator([reader.get(int(i)) for i in indices])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        outputs = engine(**batch)
+        w = torch.from_numpy(weights).double()
+        if task == "causal-lm":
+            logits = outputs.logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
+            ).view(labels.shape)
+            mask = (labels != -100).double().cpu() * w[:, None]
+            loss_sum += (token_loss.double().cpu() * mask).sum()
+            count += mask.sum()
+        else:
+            logits = outputs.logits.float()
+            per_row = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none").double().cpu()
+            loss_sum += (per_row * w).sum()
+            count += w.sum()
+            predictions = logits.argmax(-1).cpu()
+            for truth, pred, weight in zip(batch["labels"].cpu().tolist(), predictions.tolist(), weights.tolist()):
+                confusion[truth, pred] += weight
+    elapsed = time.perf_counter() - started
+    totals = _all_reduce_sum(torch.cat([loss_sum, count, confusion.flatten()]))
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    engine.train()
+    metrics = {"loss": loss, "samples_per_s": n / max(elapsed, 1e-9)}
+    if task == "causal-lm":
+        metrics["perplexity"] = math.exp(min(loss, 50.0))
+        return metrics
+    confusion = totals[2:].view(num_labels, num_labels)
+    correct = confusion.diag().sum()
+    metrics["accuracy"] = (correct / confusion.sum().clamp(min=1)).item()
+    precision = confusion.diag() / confusion.sum(0).clamp(min=1e-12)
+    recall = confusion.diag() / confusion.sum(1).clamp(min=1e-12)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    metrics["f1_macro"] = f1.mean().item()
+    return metrics
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """Entry point run by every Ray Train worker (see ``orchestrator.launcher``)."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    config = JobConfig.model_validate(payload["config"])
+    data: PreparedData = payload["data"]
+    run_dir = Path(payload["run_dir"])
+    t = config.training
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    device_type = "cuda" if device.type == "cuda" else "cpu"
+    precision = resolve_precision(config.deepspeed.precision, device_type)
+
+    # Same seed on every rank: a new classification head must start identical everywhere.
+    _set_seed(t.seed)
+    tokenizer = load_tokenizer(payload["model_path"], trust_remote_code=config.model.trust_remote_code)
+    model = load_model(
+        payload["model_path"],
+        task=config.model.task,
+        label_names=data.label_names,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    method = get_method(config.method)
+    model = method.prepare_model(model, config)
+
+    budget = StepBudget.for_job(config, len(data.train), world_size)
+    optimizer = build_optimizer(model, config, device_type=device_type)
+    scheduler = build_scheduler(optimizer, config, budget.total_steps)
+    ds_config = build_deepspeed_config(config, world_size=world_size, precision=precision)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=False)
+            state = TrainState(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
+            rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
+            if rng_file.exists():
+                _restore_rng(torch.load(rng_file, weights_only=False))  # our own file, written below
+
+    metric_name, metric_mode = best_metric_name(config, data)
+    tracker = Tracker(config, run_dir, enabled=rank == 0, resumed=checkpoint is not None)
+    if rank == 0:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        tracker.log(
+            "start",
+            state.step,
+            {
+                "total_steps": budget.total_steps,
+                "resumed_from_step": state.step if checkpoint is not None else None,
+                "world_size": world_size,
+                "precision": precision,
+                "params_total": total,
+                "params_trainable": trainable,
+                "data": data.summary(),
+            },
+        )
+    collator = Collator(tokenizer, task=config.model.task, max_length=config.data.max_length)
+    train_reader = RowReader(data.train)
+    eval_readers = [RowReader(e) for e in data.evals]
+    num_labels = len(data.label_names)
+
+    def run_eval() -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for reader in eval_readers:
+            values = evaluate(
+                engine,
+                reader,
+                collator,
+                task=config.model.task,
+                num_labels=num_labels,
+                batch_size=t.eval_batch_size,
+                rank=rank,
+                world_size=world_size,
+                device=device,
+            )
+            metrics.update({f"{reader.scanned.name}/{k}": v for k, v in values.items()})
+        return metrics
+
+    def save_checkpoint(metrics: dict[str, Any]) -> None:
+        """Every rank writes its DeepSpeed shards to a local folder and hands it to Ray Train, which
+        merges all ranks' files into one checkpoint folder in storage and keeps the latest N."""
+        with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
+            engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=True)
+            torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(state)))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def export(name: str, metrics: dict[str, Any]) -> None:
+        export_hf_folder(
+            engine,
+            tokenizer=tokenizer,
+            config=config,
+            destination=run_dir / name,
+            metrics={"step": state.step, **metrics},
+            label_names=data.label_names,
+            is_rank0=rank == 0,
+        )
+
+    engine.train()
+    window_loss, window_batches, window_samples = 0.0, 0, 0
+    window_start = time.perf_counter()
+    micro_in_step = 0
+    finished = state.step >= budget.total_steps
+    while not finished:
+        batches = train_batch_indices(
+            len(data.train),
+            epoch=state.epoch,
+            seed=t.seed,
+            shuffle=config.data.shuffle,
+            rank=rank,
+            world_size=world_size,
+            batch_size=t.batch_size_per_worker,
+        )
+        for batch_indices in batches[state.batch_in_epoch :]:
+            batch = collator([train_reader.get(int(i)) for i in batch_indices])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            output = method.compute_loss(engine, batch)
+            loss_value = output.loss.detach().float().item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"loss became {loss_value} at step {state.step + 1} (epoch {state.epoch}, batch "
+                    f"{state.batch_in_epoch}); lower training.lr, enable training.max_grad_norm, or check the data"
+                )
+            engine.backward(output.loss)
+            engine.step()
+            state.batch_in_epoch += 1
+            state.samples_seen += len(batch_indices) * world_size
+            window_loss += loss_value
+            window_batches += 1
+            window_samples += len(batch_indices) * world_size
+            micro_in_step += 1
+            if micro_in_step < t.grad_accumulation:
+                continue
+            micro_in_step = 0
+            state.step += 1
+            last = state.step >= budget.total_steps
+            if state.step % t.log_every_steps == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                tracker.log(
+                    "train",
+                    state.step,
+                    {
+                        "train/loss": window_loss / max(window_batches, 1),
+                        "train/lr": engine.get_lr()[0],
+                        "train/samples_per_s": window_samples / max(elapsed, 1e-9),
+                        "train/epoch": state.epoch + state.batch_in_epoch / budget.batches_per_epoch,
+                        "total_steps": budget.total_steps,
+                    },
+                )
+                window_loss, window_batches, window_samples = 0.0, 0, 0
+                window_start = time.perf_counter()
+            do_eval = bool(data.evals) and (last or (t.eval_every_steps and state.step % t.eval_every_steps == 0))
+            do_ckpt = last or (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0)
+            metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
+            if do_eval:
+                metrics.update(run_eval())
+                tracker.log("eval", state.step, metrics)
+                if metric_name is not None and metric_name in metrics:
+                    value = metrics[metric_name]
+                    better = state.best_metric is None or (
+                        value > state.best_metric if metric_mode == "max" else value < state.best_metric
+                    )
+                    if better:
+                        state.best_metric, state.best_step = value, state.step
+                        if config.output.save_best:
+                            export("best", metrics)
+            if last and config.output.save_final:
+                export("final", metrics)
+            if do_ckpt:
+                if last:
+                    metrics.update(best_metric=state.best_metric, best_step=state.best_step, done=True)
+                    tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                save_checkpoint(metrics)
+            elif do_eval:
+                ray.train.report(metrics)
+            if last:
+                finished = True
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    train_reader.close()
+    for reader in eval_readers:
+        reader.close()
+    tracker.finish()
+    if dist.is_initialized():
+        dist.barrier()
+
