@@ -212,6 +212,22 @@ def submit(
         _fail(f"job ended with status {status}", code=1)
 
 
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="An exported model folder (<run>/final or <run>/best)."),
+    texts: list[str] = typer.Argument(..., help="Texts to classify."),
+) -> None:
+    """Classify texts with an exported model and print label names with probabilities."""
+    from orchestrator.inference import predict as run_predict
+
+    try:
+        predictions = run_predict(model_dir, texts)
+    except OrchestratorError as exc:
+        _fail(str(exc))
+    for text, (label, probability) in zip(texts, predictions):
+        console.print(f"{label:>12}  {probability:.3f}  {text}", highlight=False, markup=False)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

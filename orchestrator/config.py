@@ -89,7 +89,8 @@ class DataConfig(_Section):
     label_names: list[str] | None = Field(
         None,
         description="Label names in id order. Default: the sorted set of labels found in the training "
-        "data (numbers sorted numerically). Saved with the model so predictions map back to names.",
+        "data (numbers sorted numerically). The file may hold these names or their 0-based ids. Saved "
+        "with the model so predictions map back to names.",
     )
     on_bad_rows: Literal["error", "skip"] = Field(
         "error",
@@ -150,6 +151,12 @@ class DeepSpeedSection(_Section):
         None,
         description="A raw DeepSpeed JSON config; its keys override the generated ones (batch sizes are "
         "always derived from training.*).",
+    )
+
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config keys merged last (e.g. {zero_optimization: "
+        "{stage3_param_persistence_threshold: 0}}).",
     )
 
     @model_validator(mode="after")

@@ -280,6 +280,8 @@ def scan_source(
                 bad_row(line_no, f"empty label in column {source.label_column!r}")
                 continue
             if label_to_id is not None:
+                if key not in label_to_id and key.isdigit() and int(key) < len(label_to_id):
+                    key = list(label_to_id)[int(key)]  # the file holds ids of the named labels
                 if key not in label_to_id:
                     known = ", ".join(list(label_to_id)[:20])
                     bad_row(line_no, f"label {key!r} is not in the label set ({known})")

@@ -49,12 +49,16 @@ def build_deepspeed_config(config: JobConfig, *, world_size: int, precision: str
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if ds.config_file:
-        user = json.loads(Path(ds.config_file).read_text())
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+    user_layers = [json.loads(Path(ds.config_file).read_text())] if ds.config_file else []
+    user_layers.append(json.loads(json.dumps(ds.overrides)))
+    for user in user_layers:
+        for key in _DERIVED_KEYS:  # batch sizes always come from training.* so they cannot disagree
             user.pop(key, None)
         _deep_update(result, user)
     return result
+
+
+_DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
 def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:

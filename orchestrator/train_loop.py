@@ -281,6 +281,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             is_rank0=rank == 0,
         )
 
+    fault_at_step = payload.get("fault_at_step")
     engine.train()
     window_loss, window_batches, window_samples = 0.0, 0, 0
     window_start = time.perf_counter()
@@ -356,6 +357,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                     metrics.update(best_metric=state.best_metric, best_step=state.best_step, done=True)
                     tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                 save_checkpoint(metrics)
+                if fault_at_step is not None and state.step >= fault_at_step and checkpoint is None:
+                    # Fault injection for drills and tests: fail once, after this checkpoint.
+                    raise RuntimeError(f"injected fault after the checkpoint at step {state.step}")
             elif do_eval:
                 ray.train.report(metrics)
             if last:

@@ -1,0 +1,137 @@
+"""`ray job submit` end to end: a head started with `ray start --head` on loopback (token auth on, as
+Ray 2.60 defaults), a 2-worker ZeRO-2 job submitted with the working dir uploaded, and only that head
+stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from orchestrator.submit import find_auth_token
+from tests.conftest import REPO, tiny_job
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+ORCHESTRATOR = str(Path(sys.executable).with_name("orchestrator"))
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Stop only the processes of this head (their command lines name its temp dir), never `ray stop`."""
+    ours = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                ours.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in ours:
+        proc.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=15)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.fixture
+def ray_head():
+    temp_dir = tempfile.mkdtemp(prefix="orh-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dashboard, agent, agent_grpc, client, metrics, runtime_env, node_mgr, obj_mgr = _free_ports(9)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    command = [
+        RAY, "start", "--head", "--num-cpus", "3", "--node-ip-address", "127.0.0.1",
+        "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--ray-client-server-port", str(client), "--metrics-export-port", str(metrics),
+        "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(node_mgr),
+        "--object-manager-port", str(obj_mgr), "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the Jobs API comes up a little after `ray start` returns
+            probe = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(2)
+        yield address
+    finally:
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _job_dir(tiny_models, shared_data, tmp_path: Path) -> tuple[Path, Path]:
+    """A working dir with the project's code (as a user's checkout) and a tiny job config inside it."""
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "orchestrator", work / "orchestrator", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "jobs", work / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+    job = tiny_job("submitted", tiny_models["bert"], shared_data, tmp_path / "runs", stage=2)
+    config = work / "configs" / "tiny.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(yaml.safe_dump(job))
+    return work, config
+
+
+def test_ray_job_submit_runs_a_two_worker_zero2_job(ray_head, tiny_models, shared_data, tmp_path):
+    work, config = _job_dir(tiny_models, shared_data, tmp_path)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    submitted = subprocess.run(
+        [RAY, "job", "submit", "--address", ray_head, "--working-dir", str(work), "--",
+         "python", "jobs/train.py", "configs/tiny.yaml"],
+        env=env, cwd=work, capture_output=True, text=True, timeout=600,
+    )
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output[-4000:]
+    assert "succeeded" in output.lower()
+    final = tmp_path / "runs" / "submitted" / "final"
+    assert (final / "model.safetensors").is_file()
+    token = find_auth_token()
+    assert token and token not in output
+
+
+def test_orchestrator_submit_follows_logs_and_fails_loudly(ray_head, tiny_models, shared_data, tmp_path):
+    work, config = _job_dir(tiny_models, shared_data, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["WANDB_API_KEY"] = "planted-secret-value-1234"  # passed through to the job, never printed
+    env["WANDB_MODE"] = "offline"
+    ok = subprocess.run(
+        [ORCHESTRATOR, "submit", str(config), "--address", ray_head, "--working-dir", str(work)],
+        env=env, cwd=work, capture_output=True, text=True, timeout=600,
+    )
+    output = ok.stdout + ok.stderr
+    assert ok.returncode == 0, output[-4000:]
+    assert "WANDB_API_KEY=***" in output
+    assert "planted-secret-value-1234" not in output
+    assert (tmp_path / "runs" / "submitted" / "final" / "config.json").is_file()
+
+    bad = subprocess.run(
+        [ORCHESTRATOR, "submit", str(config), "--address", ray_head, "--working-dir", str(work),
+         "--set", "name=broken", "--set", "model.path=/nonexistent/model/folder"],
+        env=env, cwd=work, capture_output=True, text=True, timeout=600,
+    )
+    assert bad.returncode != 0
+    assert "FAILED" in bad.stdout + bad.stderr

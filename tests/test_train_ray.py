@@ -1,0 +1,136 @@
+"""End-to-end training on a local Ray cluster: 2 CPU workers, real DeepSpeed engines (gloo), tiny models
+with random weights, real SST-2 rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.config import config_from_dict
+from orchestrator.data import RowReader, prepare_data
+from orchestrator.launcher import run_training
+from orchestrator.tracking import read_metrics
+from orchestrator.wandb_reader import find_offline_runs
+from tests.conftest import tiny_job
+
+pytestmark = pytest.mark.slow
+
+
+def _plain_accuracy(model_dir: Path, config) -> float:
+    """Accuracy of an exported folder on the job's first eval set, computed without the orchestrator loop."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    data = prepare_data(config.data, config.model.task)
+    reader = RowReader(data.evals[0])
+    rows = [reader.get(i) for i in range(len(data.evals[0]))]
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(rows), 32):
+            chunk = rows[start : start + 32]
+            batch = tokenizer([r[0] for r in chunk], truncation=True, max_length=config.data.max_length,
+                              padding=True, return_tensors="pt")
+            predictions = model(**batch).logits.argmax(-1)
+            correct += sum(int(p == r[2]) for p, r in zip(predictions.tolist(), chunk))
+    return correct / len(rows)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_encoder_fine_tune_under_zero_stage(stage, ray_cluster, tiny_models, shared_data, tmp_path):
+    config = config_from_dict(tiny_job(f"enc-z{stage}", tiny_models["bert"], shared_data, tmp_path, stage=stage))
+    result = run_training(config)
+
+    assert result.metrics["step"] == 6
+    assert 0.0 <= result.metrics["sst2/accuracy"] <= 1.0
+    records = read_metrics(result.run_dir)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
+    losses = [r["train/loss"] for r in records if r["kind"] == "train"]
+    assert all(loss == loss and loss > 0 for loss in losses)  # finite
+    # The exported folder is a plain HF model with the label map saved.
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(result.final_model)
+    assert model.config.id2label == {0: "0", 1: "1"}
+    assert (result.final_model / "orchestrator_job.yaml").is_file()
+
+
+def test_zero3_export_matches_in_training_eval_and_wandb_has_config_and_metrics(
+    ray_cluster, tiny_models, shared_data, tmp_path
+):
+    job = tiny_job("enc-z3", tiny_models["bert"], shared_data, tmp_path, stage=3)
+    job["data"]["label_names"] = ["negative", "positive"]
+    config = config_from_dict(job)
+    result = run_training(config)
+
+    # ZeRO-3 shards every parameter; the export gathers them. Same accuracy outside the loop.
+    assert result.final_model is not None
+    reported = result.metrics["sst2/accuracy"]
+    assert _plain_accuracy(result.final_model, config) == pytest.approx(reported, abs=1e-3)
+    saved = json.loads((result.final_model / "orchestrator_metrics.json").read_text())
+    assert saved["label_names"] == ["negative", "positive"]
+
+    # One W&B offline run, with the validated config and every eval metric.
+    runs = find_offline_runs(result.run_dir)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.config["deepspeed"]["stage"] == 3
+    assert run.config["training"]["max_steps"] == 6
+    eval_steps = [h["_step"] for h in run.history if "sst2/accuracy" in h]
+    assert eval_steps == [3, 6]
+    assert run.summary["sst2/accuracy"] == pytest.approx(reported)
+
+
+@pytest.mark.parametrize(("arch", "stage"), [("gpt2", 2), ("llama", 3)])
+def test_causal_lm_trains_and_reports_perplexity(arch, stage, ray_cluster, tiny_models, shared_data, tmp_path):
+    job = tiny_job(f"lm-{arch}", tiny_models[arch], shared_data, tmp_path, task="causal-lm", stage=stage, lr=3e-3)
+    result = run_training(config_from_dict(job))
+
+    records = read_metrics(result.run_dir)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["sst2/perplexity"] < evals[0]["sst2/perplexity"] * 1.05
+    assert evals[-1]["sst2/loss"] < 11.0  # ln(30522) = 10.3 is chance level for this vocabulary
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(result.final_model)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_resume_continues_from_the_latest_checkpoint(ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch):
+    job = tiny_job("resume", tiny_models["bert"], shared_data, tmp_path, stage=2, checkpoint_every_steps=2)
+    config = config_from_dict(job)
+
+    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "4")
+    with pytest.raises(Exception, match="injected fault"):
+        run_training(config)
+    first = read_metrics(tmp_path / "resume")
+    assert max(r["step"] for r in first if r["kind"] == "train") == 4
+
+    # Without --resume the existing run is protected.
+    monkeypatch.delenv("ORCHESTRATOR_FAULT_AT_STEP")
+    with pytest.raises(Exception, match="already has checkpoints"):
+        run_training(config)
+
+    result = run_training(config, resume=True)
+    records = read_metrics(tmp_path / "resume")
+    starts = [r for r in records if r["kind"] == "start"]
+    assert starts[-1]["resumed_from_step"] == 4
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == [1, 2, 3, 4, 5, 6]  # continued at step 5, not from step 0
+    assert result.metrics["step"] == 6
+
+
+def test_worker_failure_restarts_from_checkpoint(ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch):
+    job = tiny_job("failover", tiny_models["bert"], shared_data, tmp_path, stage=0, checkpoint_every_steps=2)
+    job["scaling"]["max_failures"] = 1
+    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "2")
+    result = run_training(config_from_dict(job))
+
+    starts = [r for r in read_metrics(result.run_dir) if r["kind"] == "start"]
+    assert [s["resumed_from_step"] for s in starts] == [None, 2]
+    assert result.metrics["step"] == 6
