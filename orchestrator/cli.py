@@ -17,7 +17,9 @@ from rich.table import Table
 from orchestrator.config import json_schema, load_config
 from orchestrator.errors import ConfigError, OrchestratorError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed training orchestrator for derived models.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Distributed training orchestrator for derived models."
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -92,7 +94,9 @@ def train(
     config_path: Path = typer.Argument(..., help="YAML job file."),
     overrides: list[str] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="Continue a run from its latest checkpoint in storage."),
-    address: str = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)."),
+    address: str = typer.Option(
+        None, "--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)."
+    ),
 ) -> None:
     """Train a model on a Ray cluster (a local one by default)."""
     from orchestrator.launcher import run_training
@@ -171,10 +175,14 @@ def schema(output: Path = typer.Option(None, "--output", "-o", help="Write here 
 @app.command()
 def submit(
     config_path: Path = typer.Argument(..., help="YAML job file (inside the working dir)."),
-    address: str = typer.Option(None, "--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default RAY_ADDRESS)."),
+    address: str = typer.Option(
+        None, "--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default RAY_ADDRESS)."
+    ),
     overrides: list[str] = SetOption,
     working_dir: Path = typer.Option(Path("."), "--working-dir", help="Folder uploaded as the job's working dir."),
-    env: list[str] = typer.Option([], "--env", help="Environment variable NAME passed through to the job (repeatable)."),
+    env: list[str] = typer.Option(
+        [], "--env", help="Environment variable NAME passed through to the job (repeatable)."
+    ),
     pip: list[str] = typer.Option([], "--pip", help="Extra pip requirement installed in the job's env (repeatable)."),
     entrypoint_num_cpus: float = typer.Option(0.0, help="CPUs reserved for the job driver."),
     entrypoint_num_gpus: float = typer.Option(0.0, help="GPUs reserved for the job driver (keep 0)."),

@@ -65,9 +65,7 @@ class DataSource(_Section):
         "header: false, columns are referred to by 0-based index ('0', '1', ...).",
     )
     text_column: str = Field("text", description="Column with the input text.")
-    text_pair_column: str | None = Field(
-        None, description="Optional second text column (sentence pairs, e.g. NLI)."
-    )
+    text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs, e.g. NLI).")
     label_column: str | None = Field(
         "label", description="Column with the label (name or integer id). Ignored for causal-lm."
     )
@@ -138,6 +136,52 @@ class TrainingConfig(_Section):
     )
 
 
+class UnfreezeMilestone(_Section):
+    step: int = Field(ge=0, description="Optimizer step from which these groups train.")
+    groups: list[str] = Field(
+        min_length=1, description="Groups that train: embeddings, head, all, top:N (head + top N blocks), blockN."
+    )
+
+
+class UnfreezeSection(_Section):
+    kind: Literal["none", "head_only", "top_k", "gradual", "explicit"] = Field(
+        "none",
+        description="none: all layers train; head_only: only the task head (feature extraction); top_k: the head "
+        "and the top k blocks; gradual: ULMFiT-style, one more block from the top every N steps/epochs; "
+        "explicit: milestones.",
+    )
+    k: int = Field(1, ge=0, description="top_k: how many top transformer blocks train with the head.")
+    every_steps: int | None = Field(None, gt=0, description="gradual: unfreeze one more block every N optimizer steps.")
+    every_epochs: float | None = Field(None, gt=0, description="gradual: unfreeze one more block every N epochs.")
+    start_blocks: int = Field(0, ge=0, description="gradual: blocks trainable from the start besides the head.")
+    cap: int | None = Field(
+        None, ge=0, description="gradual: at most this many blocks unfrozen (null: all blocks, then embeddings)."
+    )
+    milestones: list[UnfreezeMilestone] = Field(
+        default_factory=list, description="explicit: (step, groups) milestones; the first must be at step 0."
+    )
+    lr_decay: float = Field(
+        1.0, gt=0, le=1, description="Discriminative LR γ: a group's LR = base LR × γ^(depth from the top); head 1."
+    )
+    warmup_steps: int = Field(0, ge=0, description="LR warmup of a group after it is unfrozen (optimizer steps).")
+    block_pattern: str | None = Field(
+        None, description="For unknown architectures: regex of block parameter names with one group = block index."
+    )
+    embedding_patterns: list[str] | None = Field(None, description="Regexes of embedding parameter names.")
+    head_patterns: list[str] | None = Field(None, description="Regexes of head parameter names.")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> UnfreezeSection:
+        if self.kind == "gradual" and (self.every_steps is None) == (self.every_epochs is None):
+            raise ValueError("gradual needs exactly one of unfreeze.every_steps or unfreeze.every_epochs")
+        if self.kind == "explicit":
+            if not self.milestones:
+                raise ValueError("explicit needs unfreeze.milestones, e.g. [{step: 0, groups: [head]}]")
+            if min(m.step for m in self.milestones) != 0:
+                raise ValueError("unfreeze.milestones: the first milestone must be at step 0")
+        return self
+
+
 class DeepSpeedSection(_Section):
     stage: Literal[0, 1, 2, 3] = Field(
         0, description="ZeRO stage: 0 = DDP-like, 1 = shard optimizer, 2 = + gradients, 3 = + parameters."
@@ -170,9 +214,7 @@ class DeepSpeedSection(_Section):
 
 class ScalingSection(_Section):
     num_workers: int = Field(2, gt=0, description="Training workers (one process each, one GPU each on GPUs).")
-    use_gpu: bool | Literal["auto"] = Field(
-        "auto", description="'auto' uses GPUs when the Ray cluster has any."
-    )
+    use_gpu: bool | Literal["auto"] = Field("auto", description="'auto' uses GPUs when the Ray cluster has any.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs reserved per worker when use_gpu.")
     resources_per_worker: dict[str, float] = Field(
@@ -225,6 +267,9 @@ class JobConfig(_Section):
     data: DataConfig = Field(description="Training and evaluation data.")
     method: str = Field("full", description="Training method; one of the registered methods (full).")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation.")
+    unfreeze: UnfreezeSection = Field(
+        default_factory=UnfreezeSection, description="Layer-unfreezing schedule and discriminative learning rates."
+    )
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed engine.")
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers.")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking.")
@@ -476,7 +521,9 @@ def config_from_dict(
     missing_env: list[str] = []
     merged = _interpolate_env(merged, missing_env)
     issues = [
-        ConfigIssue(location="(env)", message=f"environment variable {name} is not set", hint="export it or use ${VAR:-default}")
+        ConfigIssue(
+            location="(env)", message=f"environment variable {name} is not set", hint="export it or use ${VAR:-default}"
+        )
         for name in sorted(set(missing_env))
     ]
     try:

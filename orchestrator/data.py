@@ -361,8 +361,7 @@ def prepare_data(data: DataConfig, task: str) -> PreparedData:
         train.labels = remap[train.labels]
         label_to_id = {name: i for i, name in enumerate(label_names)}
     evals = [
-        scan_source(source, task=task, label_to_id=label_to_id, on_bad_rows=data.on_bad_rows)
-        for source in data.eval
+        scan_source(source, task=task, label_to_id=label_to_id, on_bad_rows=data.on_bad_rows) for source in data.eval
     ]
     names = [e.name for e in evals]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -83,12 +83,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, config: JobConfig, *, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict[str, Any]], config: JobConfig, *, device_type: str) -> torch.optim.Optimizer:
     """AdamW built here rather than from DeepSpeed's JSON: DeepSpeed's own Adam kernels JIT-compile
     (FusedAdam needs nvcc, CPUAdam gcc); torch's fused AdamW on GPU is as fast and needs nothing.
     Optimizer offload still uses DeepSpeedCPUAdam, which ZeRO-Offload requires for speed."""
     t = config.training
-    groups = param_groups(model, t.weight_decay)
     kwargs = {"lr": t.lr, "betas": tuple(t.adam_betas), "eps": t.adam_eps}
     if config.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -125,6 +124,10 @@ def warmup_steps_for(config: JobConfig, total_steps: int) -> int:
     return t.warmup_steps or int(round(t.warmup_ratio * total_steps))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: JobConfig, total_steps: int) -> Any:
-    schedule = WarmupDecay(total_steps, warmup_steps_for(config, total_steps), config.training.lr_schedule)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def build_scheduler(optimizer: torch.optim.Optimizer, config: JobConfig, total_steps: int, *, wrap: Any = None) -> Any:
+    """LambdaLR with the warmup/decay schedule; ``wrap(base, param_group)`` may return a per-group lambda
+    (discriminative LRs, unfreezing)."""
+    base = WarmupDecay(total_steps, warmup_steps_for(config, total_steps), config.training.lr_schedule)
+    if wrap is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, base)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [wrap(base, group) for group in optimizer.param_groups])

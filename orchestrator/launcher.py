@@ -151,7 +151,9 @@ def build_trainer(checked: Preflight, *, use_gpu: bool) -> Any:
         "run_dir": str(checked.run_dir),
         # Fault injection for drills and tests: the run fails once after the first checkpoint at or
         # past this step (it does not fail again once it has resumed from a checkpoint).
-        "fault_at_step": int(os.environ["ORCHESTRATOR_FAULT_AT_STEP"]) if os.environ.get("ORCHESTRATOR_FAULT_AT_STEP") else None,
+        "fault_at_step": int(os.environ["ORCHESTRATOR_FAULT_AT_STEP"])
+        if os.environ.get("ORCHESTRATOR_FAULT_AT_STEP")
+        else None,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -232,4 +234,3 @@ def run_training(
         wandb=wandb_path,
         data=checked.data.summary(),
     )
-

@@ -28,12 +28,27 @@ from orchestrator.data import (
     eval_batch_indices,
     train_batch_indices,
 )
-from orchestrator.engine import build_deepspeed_config, build_optimizer, build_scheduler, resolve_precision
+from orchestrator.engine import (
+    build_deepspeed_config,
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+    resolve_precision,
+)
 from orchestrator.errors import TrainingError
 from orchestrator.export import export_hf_folder
+from orchestrator.layers import LayerGroups, find_layer_groups
 from orchestrator.methods import get_method
 from orchestrator.models import load_model, load_tokenizer
 from orchestrator.tracking import Tracker
+from orchestrator.unfreeze import (
+    BackwardStop,
+    GroupLR,
+    Schedule,
+    layered_param_groups,
+    resolve_schedule,
+    trainable_groups,
+)
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
@@ -75,7 +90,11 @@ class StepBudget:
 def best_metric_name(config: JobConfig, data: PreparedData) -> tuple[str | None, str]:
     t = config.training
     if t.metric != "auto":
-        mode = t.metric_mode if t.metric_mode != "auto" else ("min" if t.metric.endswith(("loss", "perplexity")) else "max")
+        mode = (
+            t.metric_mode
+            if t.metric_mode != "auto"
+            else ("min" if t.metric.endswith(("loss", "perplexity")) else "max")
+        )
         return t.metric, mode
     if not data.evals:
         return None, "max"
@@ -172,6 +191,32 @@ def evaluate(
     return metrics
 
 
+@dataclass
+class Unfreezing:
+    """The unfreezing schedule of a run and the hook that stops backward below the trainable groups."""
+
+    groups: LayerGroups
+    schedule: Schedule
+    stop: BackwardStop
+
+    def log_values(self, step: int) -> dict[str, float]:
+        trainable = trainable_groups(self.schedule, step)
+        return {"unfreeze/trainable_groups": len(trainable), "unfreeze/lowest_group": min(trainable)}
+
+
+def build_unfreezing(model: torch.nn.Module, config: JobConfig, budget: StepBudget) -> Unfreezing | None:
+    """None for plain runs (every layer at the same LR); else the layer groups, schedule and hook."""
+    u = config.unfreeze
+    if u.kind == "none" and u.lr_decay == 1.0:
+        return None
+    groups = find_layer_groups(
+        model, block_pattern=u.block_pattern, embedding_patterns=u.embedding_patterns, head_patterns=u.head_patterns
+    )
+    steps_per_epoch = max(1, budget.batches_per_epoch // config.training.grad_accumulation)
+    schedule = resolve_schedule(u, groups.num_blocks, steps_per_epoch=steps_per_epoch)
+    return Unfreezing(groups=groups, schedule=schedule, stop=BackwardStop(model, groups, schedule))
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Entry point run by every Ray Train worker (see ``orchestrator.launcher``)."""
     import deepspeed
@@ -203,8 +248,20 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     model = method.prepare_model(model, config)
 
     budget = StepBudget.for_job(config, len(data.train), world_size)
-    optimizer = build_optimizer(model, config, device_type=device_type)
-    scheduler = build_scheduler(optimizer, config, budget.total_steps)
+    unfreezing = build_unfreezing(model, config, budget)
+    if unfreezing is None:
+        groups = param_groups(model, t.weight_decay)
+        optimizer = build_optimizer(groups, config, device_type=device_type)
+        scheduler = build_scheduler(optimizer, config, budget.total_steps)
+    else:
+        groups = layered_param_groups(model, unfreezing.groups, t.weight_decay)
+        optimizer = build_optimizer(groups, config, device_type=device_type)
+        scheduler = build_scheduler(
+            optimizer,
+            config,
+            budget.total_steps,
+            wrap=lambda base, group: GroupLR(base, unfreezing.schedule, group["layer_group"]),
+        )
     ds_config = build_deepspeed_config(config, world_size=world_size, precision=precision)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
@@ -298,6 +355,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             batch_size=t.batch_size_per_worker,
         )
         for batch_indices in batches[state.batch_in_epoch :]:
+            if unfreezing is not None:
+                unfreezing.stop.update(state.step)
             batch = collator([train_reader.get(int(i)) for i in batch_indices])
             batch = {k: v.to(device) for k, v in batch.items()}
             output = method.compute_loss(engine, batch)
@@ -331,6 +390,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                         "train/samples_per_s": window_samples / max(elapsed, 1e-9),
                         "train/epoch": state.epoch + state.batch_in_epoch / budget.batches_per_epoch,
                         "total_steps": budget.total_steps,
+                        **(unfreezing.log_values(state.step - 1) if unfreezing is not None else {}),
                     },
                 )
                 window_loss, window_batches, window_samples = 0.0, 0, 0
@@ -374,4 +434,3 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     tracker.finish()
     if dist.is_initialized():
         dist.barrier()
-

@@ -60,12 +60,36 @@ def ray_head():
     gcs, dashboard, agent, agent_grpc, client, metrics, runtime_env, node_mgr, obj_mgr = _free_ports(9)
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     command = [
-        RAY, "start", "--head", "--num-cpus", "3", "--node-ip-address", "127.0.0.1",
-        "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--ray-client-server-port", str(client), "--metrics-export-port", str(metrics),
-        "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(node_mgr),
-        "--object-manager-port", str(obj_mgr), "--temp-dir", temp_dir, "--disable-usage-stats",
+        RAY,
+        "start",
+        "--head",
+        "--num-cpus",
+        "3",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--ray-client-server-port",
+        str(client),
+        "--metrics-export-port",
+        str(metrics),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--node-manager-port",
+        str(node_mgr),
+        "--object-manager-port",
+        str(obj_mgr),
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
     ]
     started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     try:
@@ -100,9 +124,24 @@ def test_ray_job_submit_runs_a_two_worker_zero2_job(ray_head, tiny_models, share
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head, "--working-dir", str(work), "--",
-         "python", "jobs/train.py", "configs/tiny.yaml"],
-        env=env, cwd=work, capture_output=True, text=True, timeout=600,
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            ray_head,
+            "--working-dir",
+            str(work),
+            "--",
+            "python",
+            "jobs/train.py",
+            "configs/tiny.yaml",
+        ],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-4000:]
@@ -120,7 +159,11 @@ def test_orchestrator_submit_follows_logs_and_fails_loudly(ray_head, tiny_models
     env["WANDB_MODE"] = "offline"
     ok = subprocess.run(
         [ORCHESTRATOR, "submit", str(config), "--address", ray_head, "--working-dir", str(work)],
-        env=env, cwd=work, capture_output=True, text=True, timeout=600,
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     output = ok.stdout + ok.stderr
     assert ok.returncode == 0, output[-4000:]
@@ -129,9 +172,24 @@ def test_orchestrator_submit_follows_logs_and_fails_loudly(ray_head, tiny_models
     assert (tmp_path / "runs" / "submitted" / "final" / "config.json").is_file()
 
     bad = subprocess.run(
-        [ORCHESTRATOR, "submit", str(config), "--address", ray_head, "--working-dir", str(work),
-         "--set", "name=broken", "--set", "model.path=/nonexistent/model/folder"],
-        env=env, cwd=work, capture_output=True, text=True, timeout=600,
+        [
+            ORCHESTRATOR,
+            "submit",
+            str(config),
+            "--address",
+            ray_head,
+            "--working-dir",
+            str(work),
+            "--set",
+            "name=broken",
+            "--set",
+            "model.path=/nonexistent/model/folder",
+        ],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert bad.returncode != 0
     assert "FAILED" in bad.stdout + bad.stderr

@@ -32,8 +32,13 @@ def _plain_accuracy(model_dir: Path, config) -> float:
     with torch.no_grad():
         for start in range(0, len(rows), 32):
             chunk = rows[start : start + 32]
-            batch = tokenizer([r[0] for r in chunk], truncation=True, max_length=config.data.max_length,
-                              padding=True, return_tensors="pt")
+            batch = tokenizer(
+                [r[0] for r in chunk],
+                truncation=True,
+                max_length=config.data.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
             predictions = model(**batch).logits.argmax(-1)
             correct += sum(int(p == r[2]) for p, r in zip(predictions.tolist(), chunk))
     return correct / len(rows)

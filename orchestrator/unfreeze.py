@@ -1,0 +1,225 @@
+"""Layer-unfreezing schedules and discriminative learning rates.
+
+Groups are numbered bottom to top: 0 = embeddings, 1..n = transformer blocks, n+1 = head. A schedule
+is a pure function of the optimizer step: which groups train at that step. ``group_lr_scale`` is a
+pure function too: the multiplier of the base LR for a group at a step (0 while frozen, γ^depth once
+trainable, ramped up over ``warmup_steps`` after the group is unfrozen).
+
+How freezing works under DeepSpeed, and why. DeepSpeed partitions parameters, gradients and
+optimizer state when the engine is built, and ignores ``requires_grad`` changes made afterwards
+(DeepSpeed issues #5639, #1767, #5341); rebuilding the engine at every milestone would cost a
+checkpoint round trip each time. So every parameter stays in the optimizer from the start, and a
+frozen group is frozen by two means that hold under ZeRO 0, 1, 2 and 3 alike:
+
+1. its learning rate is exactly 0 (per-group LambdaLR), so AdamW leaves it bit for bit unchanged;
+2. the output of the block just below the lowest trainable group is detached in forward, so backward
+   stops there: frozen blocks below cost no backward compute and get no gradients.
+
+Because both depend on the step only, resuming mid-schedule needs no extra state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from orchestrator.layers import LayerGroups
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A resolved unfreezing schedule (all step counts in optimizer steps)."""
+
+    kind: str
+    num_blocks: int
+    k: int = 1
+    every_steps: int | None = None
+    start_blocks: int = 0
+    cap: int | None = None
+    milestones: tuple[tuple[int, frozenset[int]], ...] = ()
+    lr_decay: float = 1.0
+    warmup_steps: int = 0
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_blocks + 2
+
+
+def _top(n_top: int, num_groups: int) -> frozenset[int]:
+    n_top = max(1, min(n_top, num_groups))
+    return frozenset(range(num_groups - n_top, num_groups))
+
+
+def trainable_groups(schedule: Schedule, step: int) -> frozenset[int]:
+    """The groups that train at an optimizer step (0-based count of steps already taken)."""
+    g = schedule.num_groups
+    if schedule.kind == "none":
+        return frozenset(range(g))
+    if schedule.kind == "head_only":
+        return _top(1, g)
+    if schedule.kind == "top_k":
+        return _top(1 + min(schedule.k, schedule.num_blocks), g)
+    if schedule.kind == "gradual":
+        assert schedule.every_steps is not None
+        blocks = schedule.start_blocks + step // schedule.every_steps
+        limit = schedule.num_blocks + 1 if schedule.cap is None else min(schedule.cap, schedule.num_blocks)
+        return _top(1 + min(blocks, limit), g)
+    if schedule.kind == "explicit":
+        current = _top(1, g)
+        for at, groups in schedule.milestones:
+            if at <= step:
+                current = groups
+        return current
+    raise ValueError(f"unknown unfreeze kind {schedule.kind!r}")
+
+
+def first_trainable_step(schedule: Schedule, group: int, horizon: int) -> int | None:
+    """The first step at which a group trains (None if never within the horizon)."""
+    if schedule.kind in ("none", "head_only", "top_k"):
+        return 0 if group in trainable_groups(schedule, 0) else None
+    if schedule.kind == "explicit":
+        for at, groups in sorted(schedule.milestones):
+            if group in groups:
+                return at
+        return None
+    depth = schedule.num_groups - 1 - group  # 0 for the head
+    blocks_needed = depth - schedule.start_blocks
+    if blocks_needed <= 0:
+        return 0
+    step = blocks_needed * (schedule.every_steps or 1)
+    return step if group in trainable_groups(schedule, step) and step <= horizon else None
+
+
+def group_lr_scale(schedule: Schedule, group: int, step: int) -> float:
+    """Multiplier of the scheduled LR for a group at a step: 0 when frozen, else γ^depth × warmup ramp."""
+    if group not in trainable_groups(schedule, step):
+        return 0.0
+    depth = schedule.num_groups - 1 - group
+    scale = schedule.lr_decay**depth
+    if schedule.warmup_steps:
+        start = first_trainable_step(schedule, group, horizon=step) or 0
+        if start > 0:
+            scale *= min(1.0, (step - start + 1) / schedule.warmup_steps)
+    return scale
+
+
+def resolve_schedule(unfreeze: Any, num_blocks: int, *, steps_per_epoch: int) -> Schedule:
+    """Turn the config section into a Schedule (epochs become steps, group names become indices)."""
+    every = unfreeze.every_steps
+    if unfreeze.kind == "gradual" and every is None:
+        every = max(1, round(unfreeze.every_epochs * steps_per_epoch))
+    milestones = tuple(
+        (m.step, frozenset(group_indices(m.groups, num_blocks)))
+        for m in sorted(unfreeze.milestones, key=lambda m: m.step)
+    )
+    return Schedule(
+        kind=unfreeze.kind,
+        num_blocks=num_blocks,
+        k=unfreeze.k,
+        every_steps=every,
+        start_blocks=unfreeze.start_blocks,
+        cap=unfreeze.cap,
+        milestones=milestones,
+        lr_decay=unfreeze.lr_decay,
+        warmup_steps=unfreeze.warmup_steps,
+    )
+
+
+def group_indices(names: list[str], num_blocks: int) -> list[int]:
+    """Group names → indices: 'embeddings', 'head', 'blockN' (0 = lowest), 'top:N' (head + top N blocks), 'all'."""
+    g = num_blocks + 2
+    result: set[int] = set()
+    for name in names:
+        if name == "all":
+            result.update(range(g))
+        elif name == "embeddings":
+            result.add(0)
+        elif name == "head":
+            result.add(g - 1)
+        elif name.startswith("block") and name[5:].isdigit() and int(name[5:]) < num_blocks:
+            result.add(1 + int(name[5:]))
+        elif name.startswith("top:") and name[4:].isdigit():
+            result.update(_top(1 + int(name[4:]), g))
+        else:
+            raise ValueError(
+                f"unfreeze.milestones: unknown group {name!r}; use embeddings, head, all, top:N or "
+                f"block0..block{num_blocks - 1}"
+            )
+    return sorted(result)
+
+
+class GroupLR:
+    """Picklable per-param-group LR lambda: the base warmup/decay schedule × the group's scale."""
+
+    def __init__(self, base: Any, schedule: Schedule, group: int):
+        self.base, self.schedule, self.group = base, schedule, group
+
+    def __call__(self, step: int) -> float:
+        return self.base(step) * group_lr_scale(self.schedule, self.group, step)
+
+
+def layered_param_groups(model: torch.nn.Module, groups: LayerGroups, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW param groups per layer group (bottom to top) and decay/no-decay; each carries 'layer_group'."""
+    by_name = dict(model.named_parameters())
+    result = []
+    for index, names in enumerate(groups.ordered()):
+        decay = [by_name[n] for n in names if by_name[n].ndim >= 2 and "norm" not in n.lower()]
+        no_decay = [by_name[n] for n in names if not (by_name[n].ndim >= 2 and "norm" not in n.lower())]
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            params = [p for p in params if p.requires_grad]
+            if params:
+                result.append({"params": params, "weight_decay": wd, "layer_group": index})
+    return result
+
+
+class BackwardStop:
+    """The thin hook: detaches the hidden states entering the lowest trainable group, so backward stops
+    there. Re-armed only when that group changes; holds no state of its own (it follows the step)."""
+
+    def __init__(self, model: torch.nn.Module, groups: LayerGroups, schedule: Schedule):
+        self.model, self.groups, self.schedule = model, groups, schedule
+        self._handle: Any = None
+        self.lowest: int | None = None
+        modules = dict(model.named_modules())
+        self._blocks = [modules[name] for name in groups.block_modules] if groups.block_modules else []
+
+    def update(self, step: int) -> int:
+        """Arm the hook for this step; returns the lowest trainable group index."""
+        lowest = min(trainable_groups(self.schedule, step))
+        if lowest == self.lowest:
+            return lowest
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.lowest = lowest
+        # lowest == 0: embeddings train, nothing to cut. Otherwise cut the output of the group below.
+        if lowest >= 1 and self._blocks:
+            below = lowest - 2  # block index just below (group index - 1 is block index; minus 1 more)
+            if below >= 0:
+                self._handle = self._blocks[below].register_forward_hook(_detach_output)
+            else:
+                self._handle = self._blocks[0].register_forward_pre_hook(_detach_input, with_kwargs=True)
+        return lowest
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def _detach_output(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0].detach(), *output[1:])
+    return output
+
+
+def _detach_input(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if args and isinstance(args[0], torch.Tensor):
+        return (args[0].detach(), *args[1:]), kwargs
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+    return args, kwargs
