@@ -38,6 +38,14 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def _user_env(**extra: str) -> dict[str, str]:
+    """The environment of a user whose virtualenv is active: `python` on PATH is the project's."""
+    env = {**os.environ, **extra}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def _stop_head(temp_dir: str) -> None:
     """Stop only the processes of this head (their command lines name its temp dir), never `ray stop`."""
     ours = []
@@ -58,7 +66,7 @@ def _stop_head(temp_dir: str) -> None:
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="orh-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dashboard, agent, agent_grpc, client, metrics, runtime_env, node_mgr, obj_mgr = _free_ports(9)
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env = _user_env(RAY_AUTH_MODE="token")
     command = [
         RAY,
         "start",
@@ -121,8 +129,7 @@ def _job_dir(tiny_models, shared_data, tmp_path: Path) -> tuple[Path, Path]:
 
 def test_ray_job_submit_runs_a_two_worker_zero2_job(ray_head, tiny_models, shared_data, tmp_path):
     work, config = _job_dir(tiny_models, shared_data, tmp_path)
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    env = _user_env(RAY_AUTH_MODE="token")
     submitted = subprocess.run(
         [
             RAY,
@@ -154,7 +161,8 @@ def test_ray_job_submit_runs_a_two_worker_zero2_job(ray_head, tiny_models, share
 
 def test_orchestrator_submit_follows_logs_and_fails_loudly(ray_head, tiny_models, shared_data, tmp_path):
     work, config = _job_dir(tiny_models, shared_data, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env = _user_env()
+    env.pop("RAY_AUTH_MODE", None)  # orchestrator submit finds the token itself
     env["WANDB_API_KEY"] = "planted-secret-value-1234"  # passed through to the job, never printed
     env["WANDB_MODE"] = "offline"
     ok = subprocess.run(
