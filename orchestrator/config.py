@@ -136,6 +136,28 @@ class TrainingConfig(_Section):
     )
 
 
+class LoraSection(_Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names that get adapters. Default by architecture: BERT query/value, GPT-2 c_attn, "
+        "Llama-style q/k/v/o_proj.",
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full beside the adapters (default: the classification head for "
+        "sequence-classification).",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    merge_on_export: bool = Field(
+        True,
+        description="Export a merged full model (loads without PEFT) with the adapter in <export>/adapter; "
+        "false: the export folder is the PEFT adapter only.",
+    )
+
+
 class UnfreezeMilestone(_Section):
     step: int = Field(ge=0, description="Optimizer step from which these groups train.")
     groups: list[str] = Field(
@@ -267,6 +289,9 @@ class JobConfig(_Section):
     data: DataConfig = Field(description="Training and evaluation data.")
     method: str = Field("full", description="Training method; one of the registered methods (full).")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation.")
+    lora: LoraSection | None = Field(
+        None, description="LoRA adapters (PEFT); required by method: lora, and used for a LoRA student in distill."
+    )
     unfreeze: UnfreezeSection = Field(
         default_factory=UnfreezeSection, description="Layer-unfreezing schedule and discriminative learning rates."
     )
@@ -290,6 +315,8 @@ class JobConfig(_Section):
         problems = []
         if self.model.task == "sequence-classification" and not self.data.train.label_column:
             problems.append("data.train.label_column is required for sequence-classification")
+        if self.method == "lora" and self.lora is None:
+            self.lora = LoraSection()
         if self.data.label_names is not None and len(set(self.data.label_names)) != len(self.data.label_names):
             problems.append("data.label_names has duplicates; list each label once")
         if problems:

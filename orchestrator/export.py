@@ -47,8 +47,12 @@ def export_hf_folder(
     metrics: dict[str, Any],
     label_names: list[str],
     is_rank0: bool,
+    method: Any,
 ) -> None:
-    """Write a folder that ``AutoModelFor*.from_pretrained`` loads, atomically (write, then rename)."""
+    """Write a folder that ``AutoModelFor*.from_pretrained`` loads, atomically (write, then rename).
+
+    The method writes the weights (``Method.save_weights``): a plain HF model for full fine-tuning,
+    the PEFT adapter (and optionally a merged model) for LoRA, only the student for distillation."""
     state = full_state_dict(engine)
     if is_rank0:
         assert state is not None
@@ -56,11 +60,8 @@ def export_hf_folder(
         destination.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
         try:
-            save = getattr(module, "save_pretrained", None)
-            if save is None:
-                raise TypeError(f"{type(module).__name__} has no save_pretrained; cannot export a HF folder")
             state = {k: v.contiguous() for k, v in state.items()}
-            save(str(staging), state_dict=state, safe_serialization=True)
+            method.save_weights(module, state, staging, config)
             tokenizer.save_pretrained(str(staging))
             (staging / JOB_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             (staging / METRICS_FILE).write_text(

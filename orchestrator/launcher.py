@@ -15,6 +15,7 @@ from typing import Any
 from orchestrator.config import JobConfig
 from orchestrator.data import PreparedData, prepare_data
 from orchestrator.errors import ConfigError, ConfigIssue, DataError, ModelError, OrchestratorError
+from orchestrator.methods import get_method
 from orchestrator.models import resolve_model_path
 from orchestrator.tracking import read_metrics
 
@@ -52,6 +53,10 @@ def preflight(config: JobConfig, *, resume: bool = False, source: str | None = N
         model_path = resolve_model_path(config.model.path)
     except ModelError as exc:
         issues.append(ConfigIssue(location="model.path", message=str(exc).removeprefix("model.path: ")))
+    if model_path:
+        method_preflight = getattr(get_method(config.method), "preflight", None)
+        if method_preflight is not None:
+            issues.extend(method_preflight(config, model_path))
     data = None
     try:
         data = prepare_data(config.data, config.model.task)

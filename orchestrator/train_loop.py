@@ -38,7 +38,7 @@ from orchestrator.engine import (
 from orchestrator.errors import TrainingError
 from orchestrator.export import export_hf_folder
 from orchestrator.layers import LayerGroups, find_layer_groups
-from orchestrator.methods import get_method
+from orchestrator.methods import MethodContext, get_method
 from orchestrator.models import load_model, load_tokenizer
 from orchestrator.tracking import Tracker
 from orchestrator.unfreeze import (
@@ -245,7 +245,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     method = get_method(config.method)
-    model = method.prepare_model(model, config)
+    model = method.prepare_model(model, config, MethodContext(model_path=payload["model_path"], device=device,
+                                                              precision=precision, world_size=world_size))
 
     budget = StepBudget.for_job(config, len(data.train), world_size)
     unfreezing = build_unfreezing(model, config, budget)
@@ -336,11 +337,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             metrics={"step": state.step, **metrics},
             label_names=data.label_names,
             is_rank0=rank == 0,
+            method=method,
         )
 
     fault_at_step = payload.get("fault_at_step")
     engine.train()
     window_loss, window_batches, window_samples = 0.0, 0, 0
+    window_extra: dict[str, float] = {}
     window_start = time.perf_counter()
     micro_in_step = 0
     finished = state.step >= budget.total_steps
@@ -370,6 +373,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             engine.step()
             state.batch_in_epoch += 1
             state.samples_seen += len(batch_indices) * world_size
+            for key, value in (output.extra or {}).items():
+                window_extra[key] = window_extra.get(key, 0.0) + value
             window_loss += loss_value
             window_batches += 1
             window_samples += len(batch_indices) * world_size
@@ -386,6 +391,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                     state.step,
                     {
                         "train/loss": window_loss / max(window_batches, 1),
+                        **{f"train/{k}": v / max(window_batches, 1) for k, v in window_extra.items()},
                         "train/lr": engine.get_lr()[0],
                         "train/samples_per_s": window_samples / max(elapsed, 1e-9),
                         "train/epoch": state.epoch + state.batch_in_epoch / budget.batches_per_epoch,
@@ -394,6 +400,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                     },
                 )
                 window_loss, window_batches, window_samples = 0.0, 0, 0
+                window_extra.clear()
                 window_start = time.perf_counter()
             do_eval = bool(data.evals) and (last or (t.eval_every_steps and state.step % t.eval_every_steps == 0))
             do_ckpt = last or (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0)

@@ -6,9 +6,18 @@ Adding a method is one new module here plus one ``register_method`` line below.
 
 from __future__ import annotations
 
-from orchestrator.methods.base import Method, TrainBatchOutput, available_methods, get_method, register_method
+from orchestrator.methods.base import (
+    Method,
+    MethodContext,
+    TrainBatchOutput,
+    available_methods,
+    get_method,
+    register_method,
+)
 from orchestrator.methods.full import FullFineTune
+from orchestrator.methods.lora import LoraMethod
 
 register_method(FullFineTune())
+register_method(LoraMethod())
 
-__all__ = ["Method", "TrainBatchOutput", "available_methods", "get_method", "register_method"]
+__all__ = ["Method", "MethodContext", "TrainBatchOutput", "available_methods", "get_method", "register_method"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -20,17 +21,34 @@ class TrainBatchOutput:
     extra: dict[str, float] | None = None
 
 
+@dataclass
+class MethodContext:
+    """What a method may need from the worker it runs in."""
+
+    model_path: str  # the resolved model.path
+    device: Any
+    precision: str
+    world_size: int
+
+
 class Method(Protocol):
-    """A training method: how the model to train is prepared and how a batch's loss is computed."""
+    """A training method: how the model to train is prepared, how a batch's loss is computed, and how
+    the trained weights are written into an exported folder."""
 
     name: str
 
-    def prepare_model(self, model: torch.nn.Module, config: JobConfig) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, config: JobConfig, context: MethodContext) -> torch.nn.Module:
         """Turn the loaded pretrained model into the module DeepSpeed wraps (e.g. add adapters)."""
         ...
 
     def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> TrainBatchOutput:
         """Forward one micro-batch through the (DeepSpeed-wrapped) model and return the loss."""
+        ...
+
+    def save_weights(
+        self, module: torch.nn.Module, state: dict[str, torch.Tensor], destination: Path, config: JobConfig
+    ) -> None:
+        """Write the weights (gathered full state dict, rank 0) into an export folder."""
         ...
 
 
