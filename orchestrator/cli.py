@@ -1,4 +1,4 @@
-"""The ``orchestrator`` command line: train, validate, submit, schema."""
+"""The ``orchestrator`` command line: train, sweep, validate, submit, schema."""
 
 from __future__ import annotations
 
@@ -234,6 +234,50 @@ def predict(
         _fail(str(exc))
     for text, (label, probability) in zip(texts, predictions):
         console.print(f"{label:>12}  {probability:.3f}  {text}", highlight=False, markup=False)
+
+
+@app.command()
+def sweep(
+    config_path: Path = typer.Argument(None, help="YAML job file with a tune section."),
+    overrides: list[str] = SetOption,
+    resume: Path = typer.Option(
+        None, "--resume", help="Continue the sweep in this folder (after its driver died); no config file needed."
+    ),
+    address: str = typer.Option(
+        None, "--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)."
+    ),
+) -> None:
+    """Run a hyperparameter sweep (Ray Tune): each trial is the whole multi-worker job with sampled values."""
+    from orchestrator.sweep import resume_sweep, run_sweep
+
+    if (config_path is None) == (resume is None):
+        _fail("give a config file, or --resume <sweep dir> (not both)")
+    try:
+        if resume is not None:
+            result = resume_sweep(resume, address=address)
+        else:
+            config = load_config(config_path, overrides)
+            result = run_sweep(config, address=address, source=str(config_path))
+    except OrchestratorError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # Ray wraps errors; show the root cause, not a Ray traceback
+        _fail(_root_cause(exc), code=1)
+    params = sorted({p for t in result.trials for p in t.params})
+    table = Table(title=f"sweep {result.sweep_dir.name}: {result.metric} ({result.mode})")
+    for column in ("trial", "status", f"best {result.metric}", "steps", *params, "note"):
+        table.add_column(column, overflow="fold")
+    for t in result.trials:
+        style = "bold green" if result.best is not None and t.trial_id == result.best.trial_id else None
+        note = t.error or (f"stopped: {t.stop_reason}" if t.stop_reason else "")
+        metric = f"{t.best_metric:.4f}" if t.best_metric is not None else "-"
+        values = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (t.params.get(p) for p in params)]
+        table.add_row(t.trial_id, t.status.replace("_", " "), metric, str(t.steps or "-"), *values, note, style=style)
+    console.print(table)
+    if result.best is not None:
+        console.print(f"best trial {result.best.trial_id}: {result.metric} {result.best.best_metric:.4f}")
+    console.print(f"results: {result.results_csv}, {result.results_json}")
+    console.print(f"learning curves: {result.plot or '-'}   best model: {result.best_model or '-'}")
+    console.print(f"W&B: {result.wandb or 'disabled'}")
 
 
 def main() -> None:

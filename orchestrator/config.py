@@ -18,10 +18,18 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.errors import ConfigError, ConfigIssue
 
@@ -204,6 +212,196 @@ class UnfreezeSection(_Section):
         return self
 
 
+class DistillSection(_Section):
+    """Teacher-student distillation (``method: distill``): the student trains on
+    ``alpha·CE + kd_weight·KD + hidden_weight·hidden``."""
+
+    teacher: str = Field(
+        description="The teacher: a Hugging Face folder (e.g. an earlier job's runs/<name>/final) or the alias "
+        "'minilm'. It must share the tokenizer of model.path.",
+        min_length=1,
+    )
+    student_init: Literal["teacher_layers", "pretrained"] = Field(
+        "teacher_layers",
+        description="teacher_layers: the student is a shallower copy of the teacher (every keep_every-th block, or "
+        "keep_layers), head included; model.path then only supplies the tokenizer. pretrained: the student is "
+        "model.path as loaded.",
+    )
+    keep_every: int | None = Field(
+        None,
+        gt=0,
+        description="teacher_layers: keep every k-th teacher block, ending on the top one (default 2 unless "
+        "keep_layers is set).",
+    )
+    keep_layers: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="teacher_layers: the 0-based teacher blocks the student keeps, strictly increasing "
+        "(excludes keep_every).",
+    )
+    alpha: float = Field(0.5, ge=0, description="Weight of the cross-entropy with the labels.")
+    kd_weight: float = Field(
+        0.5, ge=0, description="Weight of the logit distillation term (KL to the teacher at the temperature, × T²)."
+    )
+    hidden_weight: float = Field(
+        0.0, ge=0, description="Weight of the hidden-state term (student blocks imitate teacher blocks, layer_map)."
+    )
+    temperature: float = Field(2.0, gt=0, description="Softening temperature of the logit distillation term.")
+    hidden_loss: Literal["mse", "cosine"] = Field(
+        "mse", description="Hidden-state distance: mse (TinyBERT) or cosine (1 - cos, DistilBERT)."
+    )
+    layer_map: Literal["auto"] | list[tuple[int, int]] = Field(
+        "auto",
+        description="Which 0-based student block imitates which teacher block: 'auto' spreads the student evenly "
+        "over the teacher (last on last), or a list of [student, teacher] pairs.",
+    )
+    teacher_placement: Literal["auto", "replicated", "sharded"] = Field(
+        "auto",
+        description="replicated: a whole frozen teacher on every worker; sharded: the teacher's parameters are split "
+        "over the workers with ZeRO-3 (gathered layer by layer in its forward); auto: replicated unless the "
+        "teacher's weights take over 40% of one GPU's memory (always replicated on CPU).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillSection:
+        problems = []
+        if self.keep_every is not None and self.keep_layers is not None:
+            problems.append("set either distill.keep_every or distill.keep_layers, not both")
+        if self.student_init == "pretrained" and (self.keep_every is not None or self.keep_layers is not None):
+            problems.append(
+                "distill.keep_every / distill.keep_layers apply to student_init: teacher_layers only; the "
+                "pretrained student is model.path as it is"
+            )
+        if not (self.alpha > 0 or self.kd_weight > 0 or self.hidden_weight > 0):
+            problems.append("distill.alpha, distill.kd_weight and distill.hidden_weight are all 0; set one > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _check_search_expression(value: Any) -> Any:
+    from orchestrator.search_space import parse_expression
+
+    parse_expression(value)  # raises ValueError saying what is wrong
+    return value
+
+
+# A search-space value: an expression such as 'loguniform(1e-5, 1e-3)' (see orchestrator.search_space).
+_SearchExpression = Annotated[Any, AfterValidator(_check_search_expression)]
+
+
+class AshaSection(_Section):
+    grace_period: int = Field(
+        1, gt=0, description="Eval intervals every trial runs before ASHA may stop it (one interval = "
+        "training.eval_every_steps optimizer steps)."
+    )
+    reduction_factor: float = Field(
+        2.0, gt=1, description="At each rung only the top 1/reduction_factor of trials go on."
+    )
+    max_t: int | None = Field(
+        None, gt=0, description="Eval intervals of the longest trial (null: those of a full run of the job)."
+    )
+
+
+class PbtSection(_Section):
+    perturbation_interval: int = Field(
+        2, gt=0, description="Eval intervals between PBT decisions: the bottom trials copy a top trial's "
+        "checkpoint and continue with mutated hyperparameters."
+    )
+    quantile_fraction: float = Field(
+        0.25, gt=0, le=0.5, description="Fraction of trials in the top (donors) and bottom (exploiters) groups."
+    )
+    resample_probability: float = Field(
+        0.25, ge=0, le=1, description="Chance that a mutated value is drawn anew from the search space "
+        "(otherwise it is perturbed by x0.8 / x1.2 or moved to a neighbouring choice)."
+    )
+
+
+class MedianStopSection(_Section):
+    grace_period: int = Field(1, gt=0, description="Eval intervals before a trial may be stopped.")
+    min_samples_required: int = Field(
+        3, gt=0, description="Trials that must have reached an interval before it is used to compare."
+    )
+
+
+class PlateauSection(_Section):
+    std: float = Field(
+        0.001, ge=0, description="Stop a trial when the std of its last num_results metric values is below this."
+    )
+    num_results: int = Field(3, gt=1, description="How many of the latest eval results are compared.")
+    grace_period: int = Field(3, gt=0, description="Eval intervals before a trial may be stopped for a plateau.")
+
+
+class TuneSection(_Section):
+    """A hyperparameter sweep (``orchestrator sweep``): every trial is the whole job with sampled values."""
+
+    metric: str = Field(
+        "auto",
+        description="Metric to optimise, '<eval set>/<metric>' (e.g. sst2/accuracy) or 'auto' (training.metric's "
+        "choice: accuracy of the first eval set, or its loss for causal-lm).",
+    )
+    mode: Literal["auto", "max", "min"] = Field(
+        "auto", description="Whether larger ('max') or smaller ('min') is better; 'auto' from the metric name."
+    )
+    search_space: dict[str, _SearchExpression] = Field(
+        min_length=1,
+        description="Config field (dotted path) -> distribution: uniform(a, b), quniform(a, b, q), loguniform(a, b), "
+        "qloguniform(a, b, q), randn(mean, sd), qrandn(mean, sd, q), randint(a, b) (b excluded), qrandint(a, b, q), "
+        "lograndint(a, b), qlograndint(a, b, q), choice([x, y, ...]) or grid([x, y, ...]) (every value, "
+        "x num_samples). E.g. {training.lr: 'loguniform(1e-5, 1e-3)', unfreeze.kind: 'choice([none, gradual])'}.",
+    )
+    num_samples: int = Field(
+        4, gt=0, description="Trials drawn from the search space (with grid values: repeats of the whole grid)."
+    )
+    searcher: Literal["random", "optuna"] = Field(
+        "random", description="random: random draws (and every grid value); optuna: Optuna TPE (pip install "
+        "'orchestrator[tune]'), no grid values."
+    )
+    scheduler: Literal["asha", "pbt", "median", "none"] = Field(
+        "asha",
+        description="asha: stop trials that trail at each rung; pbt: population-based training; median: stop "
+        "trials below the median of others at the same point; none: run every trial to the end (FIFO).",
+    )
+    asha: AshaSection = Field(default_factory=AshaSection, description="ASHA settings (scheduler: asha).")
+    pbt: PbtSection = Field(default_factory=PbtSection, description="PBT settings (scheduler: pbt).")
+    median: MedianStopSection = Field(
+        default_factory=MedianStopSection, description="Median stopping settings (scheduler: median)."
+    )
+    plateau: PlateauSection | None = Field(
+        None, description="Also stop a trial whose metric stopped moving (null: off)."
+    )
+    stop_on_nan: bool = Field(True, description="Stop a trial as soon as its metric is NaN or infinite.")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="Trials running at once (null: as many as the cluster holds whole; never more)."
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Stop the sweep after this many seconds; running trials are stopped."
+    )
+    driver_memory_mb: int = Field(
+        512, gt=0, description="Memory reserved for each trial's driver (it reserves no CPU; the workers do)."
+    )
+    seed: int | None = Field(None, ge=0, description="Seed of the searcher's draws (null: random).")
+    export_best: bool = Field(True, description="Copy the best trial's best model to <sweep dir>/best_model.")
+
+    @model_validator(mode="after")
+    def _searcher_fits(self) -> TuneSection:
+        from orchestrator.search_space import parse_search_space
+
+        space = parse_search_space(self.search_space)
+        grid = sorted(path for path, dist in space.items() if dist.is_grid)
+        problems = []
+        if grid and self.searcher == "optuna":
+            problems.append(f"searcher optuna cannot take grid values ({', '.join(grid)}); use choice([...])")
+        if self.scheduler == "pbt":
+            if self.searcher != "random":
+                problems.append("scheduler pbt draws and mutates values itself; set searcher: random")
+            if grid:
+                problems.append(f"scheduler pbt cannot mutate grid values ({', '.join(grid)}); use choice([...])")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class DeepSpeedSection(_Section):
     stage: Literal[0, 1, 2, 3] = Field(
         0, description="ZeRO stage: 0 = DDP-like, 1 = shard optimizer, 2 = + gradients, 3 = + parameters."
@@ -259,6 +457,7 @@ class WandbSection(_Section):
     group: str | None = Field(None, description="W&B group (sweeps set it to the sweep name).")
     tags: list[str] = Field(default_factory=list, description="W&B run tags.")
     run_name: str | None = Field(None, description="W&B run name (default: the job name).")
+    job_type: str = Field("train", description="W&B job type (sweep trials use 'trial').")
 
 
 class TrackingSection(_Section):
@@ -295,10 +494,16 @@ class JobConfig(_Section):
     unfreeze: UnfreezeSection = Field(
         default_factory=UnfreezeSection, description="Layer-unfreezing schedule and discriminative learning rates."
     )
+    distill: DistillSection | None = Field(
+        None, description="Teacher-student distillation settings; required by (and only used with) method: distill."
+    )
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed engine.")
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers.")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking.")
     output: OutputSection = Field(default_factory=OutputSection, description="Outputs and checkpoints.")
+    tune: TuneSection | None = Field(
+        None, description="Hyperparameter sweep settings; used by `orchestrator sweep` (ignored by train)."
+    )
 
     @field_validator("method")
     @classmethod
@@ -319,6 +524,10 @@ class JobConfig(_Section):
             self.lora = LoraSection()
         if self.data.label_names is not None and len(set(self.data.label_names)) != len(self.data.label_names):
             problems.append("data.label_names has duplicates; list each label once")
+        if self.method == "distill" and self.distill is None:
+            problems.append("method: distill needs a distill section (at least distill.teacher)")
+        if self.method != "distill" and self.distill is not None:
+            problems.append(f"a distill section is set but method is {self.method!r}; set method: distill or remove it")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -244,13 +244,18 @@ class HiddenProjector(nn.Module):
     Linear layers when the widths differ, ``nn.Identity`` (no parameters) when they match. Its parameters
     train with the student, so they belong in the student's optimizer and checkpoint.
 
+    The projections sit in an ``nn.ModuleDict`` keyed ``"0"``, ``"1"``, ... (parameter names as with a list),
+    not an ``nn.ModuleList``: layer-group discovery (:func:`orchestrator.layers.find_blocks_module`) takes the
+    longest ModuleList of identical modules for the transformer blocks, and a module holding student and
+    projector together must not offer the projections as candidates.
+
     Args:
         projections: one module per layer pair, in the order of the pairs.
     """
 
     def __init__(self, projections: Sequence[nn.Module]):
         super().__init__()
-        self.projections = nn.ModuleList(projections)
+        self.projections = nn.ModuleDict({str(i): p for i, p in enumerate(projections)})
 
     @classmethod
     def from_sizes(cls, student_hidden: int, teacher_hidden: int, n_pairs: int) -> HiddenProjector:
@@ -266,17 +271,19 @@ class HiddenProjector(nn.Module):
 
     @property
     def is_identity(self) -> bool:
-        return all(isinstance(p, nn.Identity) for p in self.projections)
+        return all(isinstance(p, nn.Identity) for p in self.projections.values())
 
     def __len__(self) -> int:
         return len(self.projections)
 
     def __getitem__(self, pair: int) -> nn.Module:
-        return self.projections[pair]
+        if not -len(self) <= pair < len(self):
+            raise IndexError(f"layer pair {pair} out of range for {len(self)} projections")
+        return self.projections[str(pair % len(self))]
 
     def forward(self, pair: int, student_hidden: torch.Tensor) -> torch.Tensor:
         """Project the student hidden state of layer pair number ``pair`` (its position in the layer map)."""
-        return self.projections[pair](student_hidden)
+        return self[pair](student_hidden)
 
 
 def _kept_layers(n_teacher: int, keep_every: int | None, keep_layers: Sequence[int] | None) -> list[int]:

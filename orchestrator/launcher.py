@@ -82,7 +82,7 @@ def preflight(config: JobConfig, *, resume: bool = False, source: str | None = N
             )
         )
     existing = storage / config.name
-    if not resume and existing.exists() and any(existing.glob("checkpoint_*")):
+    if not resume and existing.exists() and any(p.is_dir() for p in existing.glob("checkpoint_*")):
         issues.append(
             ConfigIssue(
                 location="name",
@@ -138,7 +138,25 @@ def check_cluster_fits(config: JobConfig) -> bool:
     return use_gpu
 
 
-def build_trainer(checked: Preflight, *, use_gpu: bool) -> Any:
+def build_trainer(
+    checked: Preflight,
+    *,
+    use_gpu: bool,
+    callbacks: list[Any] | None = None,
+    run_name: str | None = None,
+    init_checkpoint: str | None = None,
+) -> Any:
+    """The Ray Train ``TorchTrainer`` of a checked job.
+
+    Args:
+        checked: the job as returned by :func:`preflight`.
+        use_gpu: whether workers take GPUs (see :func:`check_cluster_fits`).
+        callbacks: Ray Train callbacks for the run (sweeps pass the ones that report to Ray Tune).
+        run_name: the Ray Train run name in storage (default: the job name; a run of that name resumes
+            from its latest checkpoint).
+        init_checkpoint: a Train checkpoint folder to start from when the run has none of its own (a PBT
+            trial continuing another trial's model with its own hyperparameters).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -154,6 +172,7 @@ def build_trainer(checked: Preflight, *, use_gpu: bool) -> Any:
         "data": checked.data,
         "model_path": checked.model_path,
         "run_dir": str(checked.run_dir),
+        "init_checkpoint": init_checkpoint,
         # Fault injection for drills and tests: the run fails once after the first checkpoint at or
         # past this step (it does not fail again once it has resumed from a checkpoint).
         "fault_at_step": int(os.environ["ORCHESTRATOR_FAULT_AT_STEP"])
@@ -171,10 +190,11 @@ def build_trainer(checked: Preflight, *, use_gpu: bool) -> Any:
             placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
-            name=config.name,
+            name=run_name or config.name,
             storage_path=str(checked.storage_path),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.output.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
 

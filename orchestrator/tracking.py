@@ -56,7 +56,7 @@ class Tracker:
             group=wandb_cfg.group,
             tags=wandb_cfg.tags,
             name=wandb_cfg.run_name or config.name,
-            job_type="train",
+            job_type=wandb_cfg.job_type,
             config=config.to_dict(),
             dir=str(run_dir),
             mode=mode,

@@ -104,6 +104,18 @@ def best_metric_name(config: JobConfig, data: PreparedData) -> tuple[str | None,
     return f"{first}/accuracy", "max"
 
 
+def _quiet_libraries() -> None:
+    """Keep worker logs to what a user needs: our progress lines and real warnings/errors."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("ray.train", "deepspeed", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -223,6 +235,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    _quiet_libraries()
     config = JobConfig.model_validate(payload["config"])
     data: PreparedData = payload["data"]
     run_dir = Path(payload["run_dir"])
@@ -270,19 +283,32 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
+    # A PBT sweep trial may continue another trial's model and optimizer moments with its own hyperparameters.
+    inherited = checkpoint is None and bool(payload.get("init_checkpoint"))
+    if inherited:
+        checkpoint = ray.train.Checkpoint(payload["init_checkpoint"])
     if checkpoint is not None:
+        own_settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=False)
+            engine.load_checkpoint(
+                ckpt_dir, tag=DS_TAG, load_module_strict=False, load_lr_scheduler_states=not inherited
+            )
             state = TrainState(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
             rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
             if rng_file.exists():
                 _restore_rng(torch.load(rng_file, weights_only=False))  # our own file, written below
+        if inherited:
+            for group, settings in zip(optimizer.param_groups, own_settings):
+                group.update(settings)  # this trial's lr, weight decay and betas, not the donor's
+            scheduler.last_epoch = state.step - 1
+            scheduler.step()  # this trial's schedule, at the donor's step
 
     metric_name, metric_mode = best_metric_name(config, data)
     tracker = Tracker(config, run_dir, enabled=rank == 0, resumed=checkpoint is not None)
     if rank == 0:
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # ZeRO-3 leaves each parameter empty on the module; ds_numel is its full size.
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         tracker.log(
             "start",
             state.step,

@@ -14,10 +14,12 @@ from orchestrator.methods.base import (
     get_method,
     register_method,
 )
+from orchestrator.methods.distill import Distill
 from orchestrator.methods.full import FullFineTune
 from orchestrator.methods.lora import LoraMethod
 
 register_method(FullFineTune())
+register_method(Distill())
 register_method(LoraMethod())
 
 __all__ = ["Method", "MethodContext", "TrainBatchOutput", "available_methods", "get_method", "register_method"]

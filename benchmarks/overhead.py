@@ -1,0 +1,124 @@
+"""Orchestrator overhead vs a hand-written PyTorch loop, side by side in one run.
+
+Measures steady-state training samples/s of MiniLM on SST-2 (same batch, max_length and data) for
+  1. a plain PyTorch loop (AdamW, no Ray, no DeepSpeed) with all CPU threads,
+  2. `orchestrator train` with 1 worker (Ray Train + DeepSpeed stage 0) given all CPUs,
+  3. the same with 2 workers x 1 CPU (ZeRO-2),
+and reports the ratios plus the time to the first step of (2). Steady state excludes the first
+`--warmup` steps. Run on a quiet machine:
+
+    .venv/bin/python benchmarks/overhead.py --steps 40 --out benchmarks/results/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DATA = Path(os.environ.get("DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def plain_loop(steps: int, warmup: int, batch: int, max_length: int, threads: int) -> float:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from orchestrator.models import resolve_model_path
+
+    torch.set_num_threads(threads)
+    path = resolve_model_path("minilm")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    lines = (DATA / "sst2" / "train.tsv").read_text().splitlines()[1:]
+    rows = [line.split("\t") for line in lines[: batch * (steps + 1)]]
+    model.train()
+    started = None
+    for step in range(steps):
+        if step == warmup:
+            started = time.perf_counter()
+        chunk = rows[step * batch : (step + 1) * batch]
+        enc = tokenizer([r[0] for r in chunk], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        out = model(**enc, labels=torch.tensor([int(r[1]) for r in chunk]))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert started is not None
+    return (steps - warmup) * batch / (time.perf_counter() - started)
+
+
+def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: int, cpus: float, stage: int,
+                 out: Path) -> dict[str, float]:
+    from orchestrator.config import config_from_dict
+    from orchestrator.launcher import run_training
+    from orchestrator.tracking import read_metrics
+
+    name = f"bench-w{workers}-z{stage}-{int(time.time())}"
+    job = {
+        "name": name,
+        "model": {"path": "minilm"},
+        "data": {"train": {"path": str(DATA / "sst2" / "train.tsv"), "text_column": "sentence",
+                           "limit": batch * (steps + 2)}, "max_length": max_length},
+        "training": {"max_steps": steps, "batch_size_per_worker": batch // workers, "log_every_steps": 1,
+                     "lr": 5e-5},
+        "deepspeed": {"stage": stage},
+        "scaling": {"num_workers": workers, "cpus_per_worker": cpus},
+        "tracking": {"wandb": {"mode": "disabled"}},
+        "output": {"dir": str(out), "save_final": False, "save_best": False},
+    }
+    launched = time.time()
+    run_training(config_from_dict(job))
+    records = read_metrics(out / name)
+    train = [r for r in records if r["kind"] == "train"]
+    start = next(r for r in records if r["kind"] == "start")
+    steady = [r for r in train if r["step"] > warmup]
+    seconds = steady[-1]["time"] - train[warmup - 1]["time"]
+    return {
+        "samples_per_s": len(steady) * batch / seconds,
+        "time_to_first_step_s": train[0]["time"] - launched,
+        "worker_setup_s": start["time"] - launched,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    import ray
+
+    cpus = os.cpu_count() or 2
+    ray.init(num_cpus=cpus + 1, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = plain_loop(args.steps, args.warmup, args.batch, args.max_length, threads=cpus)
+        one = orchestrated(args.steps, args.warmup, args.batch, args.max_length, 1, float(cpus), 0, Path(tmp))
+        two = orchestrated(args.steps, args.warmup, args.batch, args.max_length, 2, 1.0, 2, Path(tmp))
+    result = {
+        "plain_samples_per_s": plain,
+        "orchestrator_1worker_z0": one,
+        "orchestrator_2workers_z2": two,
+        "ratio_1worker_vs_plain": one["samples_per_s"] / plain,
+        "ratio_2workers_vs_plain": two["samples_per_s"] / plain,
+        "cpus": cpus,
+        "batch": args.batch,
+        "max_length": args.max_length,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Distributed training orchestrator for derived models.
+
+Public API (everything else may change):
+
+    from orchestrator import load_config, run_training
+    result = run_training(load_config("configs/quickstart.yaml"))
+"""
+
+from orchestrator.config import JobConfig, config_from_dict, json_schema, load_config
+from orchestrator.errors import ConfigError, DataError, ModelError, OrchestratorError, TrainingError
+from orchestrator.launcher import TrainResult, preflight, run_training
+from orchestrator.methods import register_method
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "JobConfig",
+    "ModelError",
+    "OrchestratorError",
+    "TrainResult",
+    "TrainingError",
+    "config_from_dict",
+    "json_schema",
+    "load_config",
+    "preflight",
+    "register_method",
+    "run_training",
+]
+__version__ = "0.1.0"
