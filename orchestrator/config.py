@@ -292,8 +292,10 @@ _SearchExpression = Annotated[Any, AfterValidator(_check_search_expression)]
 
 class AshaSection(_Section):
     grace_period: int = Field(
-        1, gt=0, description="Eval intervals every trial runs before ASHA may stop it (one interval = "
-        "training.eval_every_steps optimizer steps)."
+        1,
+        gt=0,
+        description="Eval intervals every trial runs before ASHA may stop it (one interval = "
+        "training.eval_every_steps optimizer steps).",
     )
     reduction_factor: float = Field(
         2.0, gt=1, description="At each rung only the top 1/reduction_factor of trials go on."
@@ -305,15 +307,20 @@ class AshaSection(_Section):
 
 class PbtSection(_Section):
     perturbation_interval: int = Field(
-        2, gt=0, description="Eval intervals between PBT decisions: the bottom trials copy a top trial's "
-        "checkpoint and continue with mutated hyperparameters."
+        2,
+        gt=0,
+        description="Eval intervals between PBT decisions: the bottom trials copy a top trial's "
+        "checkpoint and continue with mutated hyperparameters.",
     )
     quantile_fraction: float = Field(
         0.25, gt=0, le=0.5, description="Fraction of trials in the top (donors) and bottom (exploiters) groups."
     )
     resample_probability: float = Field(
-        0.25, ge=0, le=1, description="Chance that a mutated value is drawn anew from the search space "
-        "(otherwise it is perturbed by x0.8 / x1.2 or moved to a neighbouring choice)."
+        0.25,
+        ge=0,
+        le=1,
+        description="Chance that a mutated value is drawn anew from the search space "
+        "(otherwise it is perturbed by x0.8 / x1.2 or moved to a neighbouring choice).",
     )
 
 
@@ -354,8 +361,9 @@ class TuneSection(_Section):
         4, gt=0, description="Trials drawn from the search space (with grid values: repeats of the whole grid)."
     )
     searcher: Literal["random", "optuna"] = Field(
-        "random", description="random: random draws (and every grid value); optuna: Optuna TPE (pip install "
-        "'orchestrator[tune]'), no grid values."
+        "random",
+        description="random: random draws (and every grid value); optuna: Optuna TPE (pip install "
+        "'orchestrator[tune]'), no grid values.",
     )
     scheduler: Literal["asha", "pbt", "median", "none"] = Field(
         "asha",
@@ -400,6 +408,18 @@ class TuneSection(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+class RegularizationSection(_Section):
+    """Regularisation against forgetting beyond replay (continual retraining, issue #6)."""
+
+    l2_to_start: float = Field(
+        0.0,
+        ge=0,
+        description="L2-SP: add weight x 1/2 ||theta - theta0||^2 over the trainable parameters to the loss, theta0 = "
+        "the weights the job starts from (model.path: the champion a retraining round warm-starts from); 0: off. "
+        "Needs deepspeed.stage 0, 1 or 2 (under ZeRO-3 no rank holds whole parameters).",
+    )
 
 
 class DeepSpeedSection(_Section):
@@ -474,6 +494,11 @@ class OutputSection(_Section):
     keep_checkpoints: int = Field(2, gt=0, description="Resumable checkpoints kept (latest N).")
     save_best: bool = Field(True, description="Export the best-eval model as an HF folder (<run>/best).")
     save_final: bool = Field(True, description="Export the final model as an HF folder (<run>/final).")
+    registry: str | None = Field(
+        "auto",
+        description="Model registry (SQLite file) where the exported model is registered as a candidate: 'auto' = "
+        "<dir>/registry.sqlite, a path, or null to not register.",
+    )
 
 
 class JobConfig(_Section):
@@ -501,6 +526,9 @@ class JobConfig(_Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers.")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking.")
     output: OutputSection = Field(default_factory=OutputSection, description="Outputs and checkpoints.")
+    regularization: RegularizationSection = Field(
+        default_factory=RegularizationSection, description="Regularisation against forgetting (e.g. L2 to the start)."
+    )
     tune: TuneSection | None = Field(
         None, description="Hyperparameter sweep settings; used by `orchestrator sweep` (ignored by train)."
     )
@@ -532,6 +560,14 @@ class JobConfig(_Section):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _regularization_fits(self) -> JobConfig:
+        if self.regularization.l2_to_start > 0 and self.deepspeed.stage == 3:
+            raise ValueError(
+                "regularization.l2_to_start needs whole parameters on every worker; use deepspeed.stage 0, 1 or 2"
+            )
+        return self
+
     # Paths the job reads or writes; used to make them absolute before a job is submitted elsewhere.
     def path_fields(self) -> dict[str, str]:
         fields = {"data.train.path": self.data.train.path, "output.dir": self.output.dir}
@@ -541,8 +577,12 @@ class JobConfig(_Section):
             fields["deepspeed.config_file"] = self.deepspeed.config_file
         if self.output.storage_path:
             fields["output.storage_path"] = self.output.storage_path
+        if self.output.registry not in (None, "auto"):
+            fields["output.registry"] = self.output.registry
         if _looks_like_local_path(self.model.path):
             fields["model.path"] = self.model.path
+        if self.distill is not None and _looks_like_local_path(self.distill.teacher):
+            fields["distill.teacher"] = self.distill.teacher
         return fields
 
     @property
