@@ -146,11 +146,15 @@ def validate(
 ) -> None:
     """Check job files and report every problem in every file at once."""
     from orchestrator.launcher import preflight
+    from orchestrator.retrain_config import is_retrain_file, load_retrain
 
     failed = 0
     for path in config_paths:
         try:
-            config = load_config(path, overrides)
+            if is_retrain_file(path):  # a continual-retraining file (issue #6): its base job is checked
+                config = load_retrain(path, overrides).job
+            else:
+                config = load_config(path, overrides)
             if check_data:
                 preflight(config, resume=True, source=str(path))
         except ConfigError as exc:
@@ -278,6 +282,297 @@ def sweep(
     console.print(f"results: {result.results_csv}, {result.results_json}")
     console.print(f"learning curves: {result.plot or '-'}   best model: {result.best_model or '-'}")
     console.print(f"W&B: {result.wandb or 'disabled'}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model registry, continual retraining and its scheduler (issue #6)
+# --------------------------------------------------------------------------------------------------
+
+registry_app = typer.Typer(
+    no_args_is_help=True, help="Registered models: list, show, lineage, promote, rollback, report."
+)
+app.add_typer(registry_app, name="registry")
+
+RegistryOption = typer.Option(
+    Path("runs/registry.sqlite"),
+    "--registry",
+    "-r",
+    envvar="ORCHESTRATOR_REGISTRY",
+    help="Registry file (a job's output.registry; default: runs/registry.sqlite).",
+)
+
+
+def _open_registry(path: Path) -> Any:
+    from orchestrator.registry import Registry
+
+    if not path.is_file():
+        _fail(f"no registry at {path}; pass --registry PATH (or set ORCHESTRATOR_REGISTRY)")
+    return Registry(path)
+
+
+def _headline(record: Any) -> str:
+    """The record's scores, one per eval set (accuracy, else loss)."""
+    parts = []
+    for eval_set, values in record.eval_metrics.items():
+        for metric in ("accuracy", "loss"):
+            if metric in values:
+                parts.append(f"{eval_set} {metric[:3]} {values[metric]:.3f}")
+                break
+    return ", ".join(parts)
+
+
+@registry_app.command("list")
+def registry_list(
+    registry: Path = RegistryOption,
+    name: str = typer.Option(None, "--name", help="Only models of this name."),
+    status: str = typer.Option(None, "--status", help="Only candidate, champion, rejected or archived."),
+) -> None:
+    """List registered models, oldest first."""
+    reg = _open_registry(registry)
+    table = Table(title=f"models in {reg.path}")
+    for column in ("id", "status", "method", "parent", "licence", "scores", "created"):
+        table.add_column(column, overflow="fold")
+    styles = {"champion": "bold green", "rejected": "red", "archived": "dim"}
+    for m in reg.models(name, status):
+        parent = m.parent_id or (Path(m.parent_ref).name if m.parent_ref else "-")
+        table.add_row(
+            m.id, m.status, m.method, parent, m.licence or "?", _headline(m), m.created_at, style=styles.get(m.status)
+        )
+    console.print(table)
+
+
+@registry_app.command("show")
+def registry_show(
+    model_id: str = typer.Argument(..., help="Model id, e.g. sst2-v3."),
+    registry: Path = RegistryOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON (config included)."),
+) -> None:
+    """Show one model: lineage, data with hashes, metrics per eval set, artifact, code version, decision."""
+    from orchestrator.registry import RegistryError
+
+    reg = _open_registry(registry)
+    try:
+        m = reg.get(model_id)
+    except RegistryError as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(m.to_dict(), indent=2, default=str) + "\n")
+        return
+    table = Table(title=m.id, show_header=False)
+    rows = [
+        ("status", m.status),
+        ("decision", f"{m.decision}: {m.decision_reason}" if m.decision else "-"),
+        ("parent", m.parent or "-"),
+        ("teacher", m.teacher_id or m.teacher_ref or "-"),
+        ("method", m.method),
+        ("base model", m.base_model or "-"),
+        ("licence", m.licence or "unknown"),
+        ("artifact", m.artifact),
+        ("checkpoint", m.checkpoint or "-"),
+        ("code version", m.code_version or "-"),
+        ("created", m.created_at),
+        ("round", str(m.round) if m.round is not None else "-"),
+        ("W&B artifact", m.wandb_artifact or "-"),
+    ]
+    train = m.data.get("train") or {}
+    rows.append(("train data", f"{train.get('path')} sha256 {str(train.get('sha256'))[:12]} rows {train.get('rows')}"))
+    for item in (m.data.get("continual") or {}).get("new", []):
+        rows.append(("  new file", f"{item['path']} sha256 {item['sha256'][:12]}"))
+    for item in (m.data.get("continual") or {}).get("replay", []):
+        rows.append(("  replayed", f"{item['rows']} rows of {item['path']} sha256 {item['sha256'][:12]}"))
+    for e in m.data.get("eval", []):
+        digest = str(e.get("sha256"))[:12]
+        rows.append(("eval data", f"{e.get('name')}: {e.get('path')} sha256 {digest} rows {e.get('rows')}"))
+    for eval_set, values in m.eval_metrics.items():
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, (int, float)))
+        rows.append((f"metrics {eval_set}", shown))
+    for eval_set, value in (m.metrics.get("forgetting") or {}).items():
+        rows.append((f"forgetting {eval_set}", f"{value:+.4f}"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@registry_app.command("lineage")
+def registry_lineage(
+    model_id: str = typer.Argument(..., help="Any model of the tree."), registry: Path = RegistryOption
+) -> None:
+    """Print the tree from the base model to every model derived from it."""
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    from orchestrator.registry import RegistryError
+
+    reg = _open_registry(registry)
+    try:
+        root = reg.lineage(model_id)
+    except RegistryError as exc:
+        _fail(str(exc))
+    styles = {"champion": "bold green", "rejected": "red", "archived": "dim"}
+
+    def label(node: Any) -> str:
+        m = node.record
+        teacher = f", distilled from {m.teacher_id or m.teacher_ref}" if m.teacher_id or m.teacher_ref else ""
+        mark = " <" if m.id == model_id else ""
+        style = styles.get(m.status, "")
+        text = escape(f"{m.id} [{m.status}] {m.method}{teacher}  {_headline(m)}{mark}")
+        return f"[{style}]{text}[/]" if style else text
+
+    tree = Tree(f"[bold]{escape(root.label)}[/] (base model)")
+
+    def add(parent: Any, node: Any) -> None:
+        branch = parent.add(label(node))
+        for child in node.children:
+            add(branch, child)
+
+    for child in root.children:
+        add(tree, child)
+    console.print(tree, highlight=False)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    model_id: str = typer.Argument(..., help="The model to make champion of its name."),
+    registry: Path = RegistryOption,
+    reason: str = typer.Option("promoted by hand", "--reason", help="Recorded with the promotion."),
+) -> None:
+    """Make a model the champion of its name (the current champion is archived)."""
+    from orchestrator.registry import RegistryError
+
+    reg = _open_registry(registry)
+    try:
+        record = reg.promote(model_id, reason)
+    except RegistryError as exc:
+        _fail(str(exc))
+    console.print(f"{record.id} is now the champion of {record.name}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: str = typer.Argument(None, help="Model name (optional when only one name has a champion)."),
+    registry: Path = RegistryOption,
+    reason: str = typer.Option("rollback by hand", "--reason", help="Recorded with the rollback."),
+) -> None:
+    """Restore the previous champion; the current one is archived."""
+    from orchestrator.registry import RegistryError
+
+    reg = _open_registry(registry)
+    try:
+        restored, demoted = reg.rollback(name, reason)
+    except RegistryError as exc:
+        _fail(str(exc))
+    console.print(f"{restored.id} is the champion of {restored.name} again ({demoted.id} archived)")
+
+
+@registry_app.command("report")
+def registry_report(
+    name: str = typer.Argument(..., help="Model name (the retrained model)."),
+    registry: Path = RegistryOption,
+    out: Path = typer.Option(None, "--out", help="Folder for forgetting.csv/.md/.png (default: beside the registry)."),
+    metric: str = typer.Option(None, "--metric", help="Metric per eval set (default: the gate's, else accuracy)."),
+) -> None:
+    """The forgetting matrix: each eval set's score across the model's versions (table + PNG)."""
+    from orchestrator.registry import RegistryError
+    from orchestrator.retrain_report import write_report
+
+    reg = _open_registry(registry)
+    try:
+        files = write_report(reg, name, out or reg.path.parent / f"{name}-report", metric=metric)
+    except RegistryError as exc:
+        _fail(str(exc))
+    rows = files.matrix.rows()
+    table = Table(title=f"{name}: {files.matrix.metric} (in brackets: minus forgetting)")
+    for column in rows[0]:
+        table.add_column(column, overflow="fold")
+    for row in rows[1:]:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"written: {files.csv}, {files.markdown}, {files.png or '(no plot: matplotlib missing)'}")
+
+
+@app.command()
+def retrain(
+    config_path: Path = typer.Argument(None, help="Retrain YAML file (see configs/retrain.yaml)."),
+    overrides: list[str] = SetOption,
+    address: str = typer.Option(
+        None, "--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)."
+    ),
+    registry: Path = typer.Option(None, "--registry", help="With --round-id: the registry holding the round."),
+    round_id: int = typer.Option(None, "--round-id", help="Run a round the scheduler claimed (its stored config)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the new data and the champion; train nothing."),
+) -> None:
+    """Run one continual-retraining round: new data, warm start from the champion, replay, gate."""
+    from orchestrator.continual import find_new_data, loaded_from_round, open_round_registry, run_round
+    from orchestrator.registry import Registry
+    from orchestrator.retrain_config import load_retrain
+
+    try:
+        if round_id is not None:
+            if registry is None:
+                _fail("--round-id needs --registry")
+            reg = Registry(registry)
+            loaded = loaded_from_round(reg, round_id)
+        else:
+            if config_path is None:
+                _fail("give a retrain file, or --registry and --round-id")
+            loaded = load_retrain(config_path, overrides)
+            reg = open_round_registry(loaded)
+        if dry_run:
+            champion = reg.champion(loaded.name)
+            console.print(f"model {loaded.name}: champion {champion.id if champion else '(none: starts from base)'}")
+            for f in find_new_data(loaded, reg):
+                console.print(f"  new: {f.path} (sha256 {f.sha256[:12]})")
+            return
+        with _ProgressView(enabled=console.is_terminal) as view:
+            result = run_round(loaded, address=address, round_id=round_id, registry=reg, progress=view)
+    except OrchestratorError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # Ray wraps worker errors; show the root cause, not a Ray traceback
+        _fail(_root_cause(exc), code=1)
+    if result.status == "skipped":
+        console.print(f"{loaded.name}: no new data in {loaded.config.watch.dir}; nothing to do")
+        return
+    table = Table(title=f"{loaded.name} round {result.round}: {result.candidate.id}", show_header=False)
+    for eval_set, score in result.scores.items():
+        forgot = result.forgetting.get(eval_set)
+        table.add_row(eval_set, f"{score:.4f}" + (f"  forgetting {forgot:+.4f}" if forgot is not None else "  (new)"))
+    table.add_row("decision", f"{result.decision}: {result.reason}")
+    table.add_row("parent", result.candidate.parent or "-")
+    table.add_row("model", result.candidate.artifact)
+    console.print(table)
+
+
+@app.command()
+def schedule(
+    config_path: Path = typer.Argument(..., help="Retrain YAML file with a schedule section."),
+    overrides: list[str] = SetOption,
+    address: str = typer.Option(
+        None, "--address", help="Ray dashboard address (default: schedule.address, then RAY_ADDRESS)."
+    ),
+    once: bool = typer.Option(False, "--once", help="One tick and exit (for a Kubernetes CronJob)."),
+) -> None:
+    """Submit retraining rounds as Ray jobs on new data / an interval / a cron schedule (runs until stopped)."""
+    from orchestrator.continual import open_round_registry
+    from orchestrator.retrain_config import load_retrain
+    from orchestrator.scheduler import RetrainScheduler
+    from orchestrator.submit import job_client
+
+    try:
+        loaded = load_retrain(config_path, overrides)
+        address = address or loaded.config.schedule.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            _fail("no Ray address: pass --address http://HEAD:8265, set schedule.address or RAY_ADDRESS")
+        scheduler = RetrainScheduler(
+            loaded,
+            registry=open_round_registry(loaded),
+            client=job_client(address),
+            echo=lambda text: console.print(text, highlight=False, markup=False),
+        )
+        scheduler.run(once=once)
+    except OrchestratorError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        console.print("stopped; a running round goes on as its Ray job, and a restart picks it up")
 
 
 def main() -> None:

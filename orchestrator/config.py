@@ -27,9 +27,11 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from typing_extensions import TypeAliasType
 
 from orchestrator.errors import ConfigError, ConfigIssue
 
@@ -287,7 +289,14 @@ def _check_search_expression(value: Any) -> Any:
 
 
 # A search-space value: an expression such as 'loguniform(1e-5, 1e-3)' (see orchestrator.search_space).
-_SearchExpression = Annotated[Any, AfterValidator(_check_search_expression)]
+SearchExpression = TypeAliasType(
+    "SearchExpression",
+    Annotated[
+        Any,
+        AfterValidator(_check_search_expression),
+        WithJsonSchema({"type": "string", "examples": ["loguniform(1e-5, 1e-3)", "choice([none, gradual])"]}),
+    ],
+)
 
 
 class AshaSection(_Section):
@@ -350,7 +359,7 @@ class TuneSection(_Section):
     mode: Literal["auto", "max", "min"] = Field(
         "auto", description="Whether larger ('max') or smaller ('min') is better; 'auto' from the metric name."
     )
-    search_space: dict[str, _SearchExpression] = Field(
+    search_space: dict[str, SearchExpression] = Field(
         min_length=1,
         description="Config field (dotted path) -> distribution: uniform(a, b), quniform(a, b, q), loguniform(a, b), "
         "qloguniform(a, b, q), randn(mean, sd), qrandn(mean, sd, q), randint(a, b) (b excluded), qrandint(a, b, q), "
@@ -371,7 +380,11 @@ class TuneSection(_Section):
         "trials below the median of others at the same point; none: run every trial to the end (FIFO).",
     )
     asha: AshaSection = Field(default_factory=AshaSection, description="ASHA settings (scheduler: asha).")
-    pbt: PbtSection = Field(default_factory=PbtSection, description="PBT settings (scheduler: pbt).")
+    pbt: PbtSection = Field(
+        default_factory=PbtSection,
+        description="PBT settings (scheduler: pbt). Trials hand their checkpoints to Tune, which keeps them in "
+        "<sweep dir>/tune for other trials to exploit.",
+    )
     median: MedianStopSection = Field(
         default_factory=MedianStopSection, description="Median stopping settings (scheduler: median)."
     )

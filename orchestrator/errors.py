@@ -37,6 +37,10 @@ class ConfigError(OrchestratorError, ValueError):
         header = f"{count} problem{'s' if count != 1 else ''} in {source or 'config'}:"
         super().__init__("\n".join([header, *(f"  - {i.format(source)}" for i in self.issues)]))
 
+    def __reduce__(self) -> tuple:
+        # Ray sends errors between processes by pickling; the default would rebuild it from the message.
+        return (type(self), (self.issues, self.source))
+
 
 class DataError(OrchestratorError, ValueError):
     """A data file is missing, malformed, or has a bad row (the message names file and line)."""

@@ -39,6 +39,7 @@ class TrainResult:
     checkpoint_path: str | None
     wandb: str | None
     data: dict[str, Any] = field(default_factory=dict)
+    model_id: str | None = None  # the registry id of the exported model (output.registry)
 
 
 def preflight(config: JobConfig, *, resume: bool = False, source: str | None = None) -> Preflight:
@@ -145,6 +146,7 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     run_name: str | None = None,
     init_checkpoint: str | None = None,
+    stop_signal: Any = None,
 ) -> Any:
     """The Ray Train ``TorchTrainer`` of a checked job.
 
@@ -156,6 +158,8 @@ def build_trainer(
             from its latest checkpoint).
         init_checkpoint: a Train checkpoint folder to start from when the run has none of its own (a PBT
             trial continuing another trial's model with its own hyperparameters).
+        stop_signal: an actor handle whose ``is_set()`` tells the workers to stop after the current step
+            (a sweep trial stopped by Ray Tune ends cleanly instead of being killed).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -173,6 +177,7 @@ def build_trainer(
         "model_path": checked.model_path,
         "run_dir": str(checked.run_dir),
         "init_checkpoint": init_checkpoint,
+        "stop_signal": stop_signal,
         # Fault injection for drills and tests: the run fails once after the first checkpoint at or
         # past this step (it does not fail again once it has resumed from a checkpoint).
         "fault_at_step": int(os.environ["ORCHESTRATOR_FAULT_AT_STEP"])
@@ -249,7 +254,7 @@ def run_training(
         wandb_path = str(wandb_dirs[-1])
     final_dir = checked.run_dir / "final"
     best_dir = checked.run_dir / "best"
-    return TrainResult(
+    train_result = TrainResult(
         run_dir=checked.run_dir,
         metrics=final_metrics,
         best_metric=final_metrics.get("best_metric"),
@@ -259,3 +264,10 @@ def run_training(
         wandb=wandb_path,
         data=checked.data.summary(),
     )
+    # Model registry (issue #6): every job that exports a model registers it as a candidate.
+    if config.output.registry:
+        from orchestrator.registry import register_run
+
+        record = register_run(config, train_result, checked)
+        train_result.model_id = record.id if record is not None else None
+    return train_result

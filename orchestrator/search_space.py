@@ -255,35 +255,25 @@ def check_search_space(base: Mapping[str, Any], space: Mapping[str, Distribution
     # A value per path that is valid with the rest of the job as it is: the background for the others.
     background: dict[str, Any] = {}
     for path, dist in usable.items():
-        candidates = dist.candidates()
-        background[path] = next(
-            (value for value in candidates if first_problem([(path, value)]) is None), candidates[0]
-        )
-    baseline = [(p, background[p]) for p in usable]
-    baseline_problem = first_problem(baseline)
+        valid_alone = [value for value in dist.candidates() if first_problem([(path, value)]) is None]
+        if valid_alone:
+            background[path] = valid_alone[0]
     for path, dist in usable.items():
-        others = [(p, v) for p, v in baseline if p != path]
+        others = [(p, v) for p, v in background.items() if p != path]
+        if others and first_problem(others) is not None:
+            others = []  # the other fields' values clash among themselves: judge this path alone
+        messages: list[str] = []
+        hint = None
         for value in dist.candidates():
             problem = first_problem([*others, (path, value)])
             if problem is None:
                 continue
-            shown = "" if problem.message.startswith("unknown key") else f"value {value!r}: "
+            if problem.message.startswith("unknown key"):  # the path itself is wrong: no value will do
+                messages, hint = [problem.message], problem.hint
+                break
             where = "" if problem.location == path else f"{problem.location}: "
-            issues.append(
-                ConfigIssue(
-                    location=f"tune.search_space.{path}",
-                    message=f"{shown}{where}{problem.message}",
-                    hint=problem.hint,
-                )
-            )
-            break
-    if baseline_problem is not None and not issues:
-        issues.append(
-            ConfigIssue(
-                location="tune.search_space",
-                message=f"these values together make the job invalid ({dict(baseline)}): "
-                f"{baseline_problem.location}: {baseline_problem.message}",
-                hint=baseline_problem.hint,
-            )
-        )
+            messages.append(f"value {value!r}: {where}{problem.message}")
+            hint = hint or problem.hint
+        if messages:
+            issues.append(ConfigIssue(location=f"tune.search_space.{path}", message="; ".join(messages), hint=hint))
     return issues

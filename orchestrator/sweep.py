@@ -38,7 +38,8 @@ import yaml
 from orchestrator.config import JobConfig, TuneSection, config_from_dict, set_dotted
 from orchestrator.errors import ConfigError, ConfigIssue, OrchestratorError, TrainingError
 from orchestrator.search_space import Distribution, check_search_space, parse_search_space
-from orchestrator.sweep_trial import TrialPlan, run_trial, trial_job_name
+from orchestrator.sweep_trial import TrialPlan, ended_gracefully, trial_job_name, trial_trainable
+from orchestrator.tracking import read_metrics
 
 SWEEP_CONFIG_FILE = "sweep_config.yaml"
 TUNE_DIR = "tune"
@@ -301,9 +302,10 @@ def _run(plan: SweepPlan, *, address: str | None, restore: bool, verbose: bool) 
         metric=plan.metric,
         mode=plan.mode,
         use_gpu=use_gpu,
+        checkpoints_to_tune=plan.tune.scheduler == "pbt",
     )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, plan=trial_plan),
+        trial_trainable(trial_plan),
         # The trial driver only waits on its Train run: it reserves memory, not a CPU; the workers'
         # CPUs/GPUs are reserved by the run's own placement group, and `concurrency` keeps every running
         # trial's workers within the cluster, so no trial waits on another's workers.
@@ -384,7 +386,6 @@ def _new_tuner(plan: SweepPlan, trainable: Any, concurrency: int, *, verbose: bo
             ),
             callbacks=[SweepLog(str(plan.sweep_dir), plan.metric, verbose=verbose)],
             failure_config=tune.FailureConfig(max_failures=0),  # a failing trial is recorded; the sweep goes on
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0,
         ),
     )
@@ -551,6 +552,7 @@ def collect_trials(plan: SweepPlan, grid: Any) -> list[TrialRecord]:
         if e.get("event") == "sweep_start" and plan.tune.time_budget_s
     ]
     completed_at = {e["trial_id"]: e["time"] for e in events if e.get("event") == "complete"}
+    started = {e["trial_id"]: e.get("params") or {} for e in events if e.get("event") == "start"}
     records = []
     for result in grid:
         trial_id = Path(result.path).name
@@ -558,15 +560,17 @@ def collect_trials(plan: SweepPlan, grid: Any) -> list[TrialRecord]:
         last = result.metrics or {}
         values = [v for _, v in history if _finite(v)]
         best = (max(values) if plan.mode == "max" else min(values)) if values else None
-        steps = int(history[-1][0]) if history else (int(last["step"]) if _finite(last.get("step")) else None)
+        run_dir = plan.sweep_dir / TRIALS_DIR / trial_job_name(plan.name, trial_id)
+        trained = [r["step"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
+        steps = max(trained) if trained else (int(last["step"]) if _finite(last.get("step")) else None)
         record = TrialRecord(
             trial_id=trial_id,
             status="completed",
-            params=dict(result.config or {}),
+            params=dict(result.config or started.get(trial_id, {})),
             best_metric=best,
             last_metric=history[-1][1] if history else None,
             steps=steps,
-            run_dir=str(plan.sweep_dir / TRIALS_DIR / trial_job_name(plan.name, trial_id)),
+            run_dir=str(run_dir),
             history=history,
         )
         if result.error is not None:
@@ -594,11 +598,16 @@ def _history(frame: Any, metric: str) -> list[tuple[int, float]]:
 
 
 def error_text(error: BaseException) -> str:
-    """The root cause of a trial failure in one line (Ray wraps worker errors several times)."""
+    """The root cause of a trial failure, short (Ray wraps worker errors several times)."""
     text = str(error)
     for marker in ("TrainingError: ", "ConfigError: ", "DataError: ", "ModelError: ", "ValueError: "):
         if marker in text:
-            return text[text.rindex(marker) :].splitlines()[0][:500]
+            lines = text[text.rindex(marker) :].splitlines()
+            # a ConfigError lists its problems on the following lines ("  - where: what", "    fix: ...")
+            details = [
+                line.strip() for line in itertools.takewhile(lambda x: x.startswith(("  - ", "    fix: ")), lines[1:])
+            ]
+            return " ".join([lines[0], *details])[:500]
     lines = [line for line in text.splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:500]
 
@@ -732,6 +741,8 @@ def log_sweep_to_wandb(
         id_file = Path(t.run_dir or "") / WANDB_ID_FILE
         if t.status == "completed" or not id_file.is_file():
             continue
+        if t.status == "early_stopped" and ended_gracefully(t.run_dir or ""):
+            continue  # rank 0 closed the run itself, marked early-stopped
         run = wandb.init(
             **common,
             job_type="trial",

@@ -2,22 +2,28 @@
 
 Ray 2.60 does not end the inner Train run when Tune stops a trial (ASHA, PBT, a stopper, the time budget):
 its workers would train on and its placement group would stay reserved, so the next trial waits for
-workers that never come. The trial therefore keeps a line to its Train controller:
+workers that never come. The trial therefore keeps a line to its Train run:
 
 * :class:`ReportRelay` is a Train ``UserCallback`` that runs in the controller. Like
   ``ray.tune.integration.ray_train.TuneReportCallback`` it forwards rank 0's metrics (and the checkpoint
   path) of every report to Tune; unlike it, the trial function reports them with ``ray.tune.report`` (so a
   checkpoint can be registered for PBT, and a stop reaches this thread), and the controller waits until
   Tune has taken the result. Workers are then at most one report ahead of Tune's decision.
-* :class:`ControllerAnnouncer` hands the controller's actor handle to the trial when the controller starts.
 * When Tune stops the trial, ``ray.tune.report`` raises ``SystemExit`` here (or the session is found
-  finished). The trial then aborts the controller (``TrainController.abort``: workers shut down, placement
-  group removed), kills it if that does not finish in time, and waits for ``fit`` to return.
+  finished). The trial sets its :class:`StopSignal`; the workers leave their loop after the current step
+  (rank 0 closes the W&B run marked early-stopped) and the run ends normally, freeing its placement group.
+* If they do not within a grace time, the trial aborts the Train controller (``TrainController.abort``:
+  workers shut down, placement group removed; its handle comes from :class:`ControllerAnnouncer`), and
+  kills it if that does not finish either.
+* :func:`trial_trainable` makes Tune's ``Trainable.stop`` wait for all this: by default it returns at once
+  and the trial actor exits, cutting the cleanup short.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import threading
 import time
@@ -27,10 +33,14 @@ from typing import Any
 
 from orchestrator.config import JobConfig, config_from_dict
 
-# Name of the file in a Tune checkpoint that points at the trial's Ray Train checkpoint.
-POINTER_FILE = "train_checkpoint.json"
-ABORT_TIMEOUT_S = 30.0
-FINISH_TIMEOUT_S = 300.0  # a trial that already reported its last step gets this long to export and finish
+# In a Tune checkpoint (PBT): which trial and Train run it came from, beside the Train checkpoint in train/.
+POINTER_FILE = "origin.json"
+GRACEFUL_STOP_S = 120.0  # a stopped trial's workers get this long to finish their step and close W&B
+FINISH_TIMEOUT_S = 120.0  # a trial that already reported its last step gets this long to export and finish
+ABORT_TIMEOUT_S = 20.0  # then each of: abort the controller, kill it
+STOP_TIMEOUT_S = 240.0  # how long Trainable.stop waits for the trial function to end its Train run
+TRIAL_LOG = "sweep_trial.log"
+GRACEFUL_NOTE = "workers stopped after their step"
 
 try:  # Train V2 callback base classes; the relay only runs with ray installed
     from ray.train.v2._internal.execution.callback import ControllerCallback
@@ -50,6 +60,7 @@ class TrialPlan:
         metric: the metric Tune optimises (every forwarded result holds it).
         mode: 'max' or 'min'.
         use_gpu: whether trial workers take GPUs.
+        checkpoints_to_tune: also hand every Train checkpoint to Tune (PBT exploits through them).
     """
 
     base: dict[str, Any]
@@ -58,6 +69,7 @@ class TrialPlan:
     metric: str
     mode: str
     use_gpu: bool
+    checkpoints_to_tune: bool = False
 
 
 def trial_job_name(sweep_name: str, trial_id: str) -> str:
@@ -151,36 +163,94 @@ def _tune_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _pointer_checkpoint(directory: Path, train_checkpoint: str, trial_id: str, step: Any) -> Any:
+def _tune_checkpoint(folder: Path, train_checkpoint: str, trial_id: str, run_name: str, step: Any) -> Any:
+    """A Tune checkpoint holding the trial's Train checkpoint (for PBT to hand to other trials) and where it
+    came from. Tune persists it in the trial's folder, so it outlives Train's own checkpoint rotation."""
     from ray import tune
 
-    (directory / POINTER_FILE).write_text(json.dumps({"path": train_checkpoint, "trial_id": trial_id, "step": step}))
-    return tune.Checkpoint.from_directory(str(directory))
+    shutil.copytree(train_checkpoint, folder / "train", copy_function=_link_or_copy)
+    (folder / POINTER_FILE).write_text(json.dumps({"trial_id": trial_id, "run_name": run_name, "step": step}))
+    return tune.Checkpoint.from_directory(str(folder))
 
 
-def donor_checkpoint(trial_id: str) -> dict[str, Any] | None:
-    """The Train checkpoint another trial handed to this one (PBT exploit), or None.
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)  # Tune copies the folder right away; no need to copy twice
+    except OSError:
+        shutil.copy2(source, destination)
 
-    A pointer to this trial's own checkpoint (Tune restoring a trial after the driver died) is None too:
-    the trial's Train run resumes from its own storage then.
+
+def start_point(trial_id: str, run_dir: Path, job_name: str) -> tuple[str | None, str]:
+    """Where a trial's Train run starts: ``(init_checkpoint, run_name)``.
+
+    * A fresh trial: no checkpoint, the Train run named after the job.
+    * PBT handed it another trial's checkpoint: that checkpoint (copied into the trial's folder) and a new
+      Train run name, so Train does not resume the trial's own earlier run instead.
+    * Tune restarts the trial from its own checkpoint (the sweep is resumed): the Train run it last used,
+      which resumes from its own storage.
     """
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return None
+        return None, job_name
     with checkpoint.as_directory() as folder:
         pointer_file = Path(folder) / POINTER_FILE
         if not pointer_file.is_file():
-            return None
+            return None, job_name
         pointer = json.loads(pointer_file.read_text())
-    if pointer.get("trial_id") == trial_id:
-        return None
-    return pointer
+        if pointer["trial_id"] == trial_id:
+            return None, pointer["run_name"]
+        run_name = f"{job_name}-from-{pointer['trial_id']}-{pointer['step']}"
+        inherited = run_dir / "inherited" / run_name
+        if not inherited.exists():
+            shutil.copytree(Path(folder) / "train", inherited)
+    return str(inherited), run_name
+
+
+def trial_trainable(plan: TrialPlan) -> type:
+    """The Tune trainable of a sweep: :func:`run_trial` as a function trainable whose stop waits for the
+    trial's Train run to end.
+
+    Tune's function trainable does not wait for the function when it stops a trial (``session.finish(
+    timeout=0)``), and the trial actor exits right after; the abort of the Train run would be cut off, and
+    the run's placement group outlive it (it belongs to the job, not to the trial actor).
+    """
+    from ray.train._internal.session import get_session
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    def sweep_trial(config: dict[str, Any]) -> None:
+        run_trial(config, plan)
+
+    class SweepTrial(wrap_function(sweep_trial)):  # type: ignore[misc]
+        def cleanup(self) -> None:
+            session = get_session()
+            if session is not None and session.training_started:
+                try:  # sets the stop event, then waits for run_trial to end the Train run and return
+                    session.finish(timeout=STOP_TIMEOUT_S)
+                except BaseException:
+                    pass  # a training error is raised (and reported) by the base cleanup below
+            super().cleanup()
+
+    return SweepTrial
+
+
+class StopSignal:
+    """A flag the trial sets when Tune stops it; rank 0 of the Train run reads it after every step."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     """The Tune function trainable: one whole job with ``params`` applied (dotted path -> value)."""
+    import ray
     from ray import tune
     from ray.util.queue import Empty, Queue
 
@@ -188,21 +258,22 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(plan, params, trial_id)
-    donor = donor_checkpoint(trial_id)
     checked = preflight(config, resume=True)
+    init_checkpoint, run_name = start_point(trial_id, checked.run_dir, config.name)
     inbox = Queue(actor_options={"num_cpus": 0})  # controller -> trial: reports, the controller's handle
     acks = Queue(actor_options={"num_cpus": 0})  # trial -> controller: "result taken"
+    stop_signal = ray.remote(num_cpus=0)(StopSignal).remote()
     trainer = build_trainer(
         checked,
         use_gpu=plan.use_gpu,
         callbacks=[ReportRelay(inbox, acks), ControllerAnnouncer(inbox)],
-        init_checkpoint=donor["path"] if donor else None,
-        run_name=f"{config.name}-from-{donor['trial_id']}-{donor['step']}" if donor else None,
+        init_checkpoint=init_checkpoint,
+        run_name=run_name,
+        stop_signal=stop_signal,
     )
     fit = _Fit(trainer)
     fit.start()
-    controller = None
-    finishing = False  # the last step was reported: the run is exporting and closing W&B
+    run = _TrainRun(fit, inbox, acks, stop_signal, checked.run_dir)
     try:
         while True:
             try:
@@ -214,53 +285,95 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
                     raise _Stopped() from None
                 continue
             if kind == "controller":
-                controller = payload
+                run.controller = payload
                 continue
-            finishing = finishing or bool(payload.get("done"))
+            run.finishing = run.finishing or bool(payload.get("done"))
             try:
                 if plan.metric in payload:
                     metrics = _tune_metrics(payload)
-                    if checkpoint_path:
-                        with tempfile.TemporaryDirectory(prefix="orch-pointer-") as tmp:
-                            pointer = _pointer_checkpoint(Path(tmp), checkpoint_path, trial_id, payload.get("step"))
-                            tune.report(metrics, checkpoint=pointer)
+                    if checkpoint_path and plan.checkpoints_to_tune:
+                        with tempfile.TemporaryDirectory(prefix="orch-tune-ckpt-") as tmp:
+                            step = payload.get("step")
+                            checkpoint = _tune_checkpoint(Path(tmp), checkpoint_path, trial_id, run_name, step)
+                            tune.report(metrics, checkpoint=checkpoint)
                     else:
                         tune.report(metrics)
             finally:
                 acks.put("taken")
-    except BaseException:
-        _end_train_run(controller, fit, inbox, acks, finishing=finishing)
+    except BaseException as exc:
+        why = "Tune stopped the trial" if isinstance(exc, (SystemExit, _Stopped)) else f"the trial failed: {exc!r}"
+        run.note(f"{why}; ending its Train run")
+        run.end()
         raise
     fit.join()
     if fit.error is not None:
         raise fit.error
 
 
-def _end_train_run(controller: Any, fit: _Fit, inbox: Any, acks: Any, *, finishing: bool) -> None:
-    """End the trial's Train run: abort its controller (workers and placement group go), kill it if need be."""
-    import ray
+@dataclass
+class _TrainRun:
+    """The trial's Train run as the trial function sees it, and how to end it early."""
 
-    if finishing:
-        fit.join(timeout=FINISH_TIMEOUT_S)
-        if not fit.is_alive():
-            return
-    for _ in range(3):  # release a relay waiting for "taken", so the controller can take the abort
-        acks.put_nowait("stopping")
-    deadline = time.monotonic() + ABORT_TIMEOUT_S
-    while controller is None and fit.is_alive() and time.monotonic() < deadline:
+    fit: _Fit
+    inbox: Any
+    acks: Any
+    stop_signal: Any
+    run_dir: Path
+    controller: Any = None
+    finishing: bool = False  # the last step was reported: the run is exporting and closing W&B
+
+    def note(self, text: str) -> None:
+        """A line in the trial's own log (``<run dir>/sweep_trial.log``): how its Train run ended."""
+        with open(self.run_dir / TRIAL_LOG, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+    def end(self) -> None:
+        """Ask the workers to stop after their current step (they close W&B and return, the run frees its
+        placement group); if they have not within the grace time, abort the controller, then kill it."""
+        import ray
+
+        started = time.monotonic()
         try:
-            kind, payload, _ = inbox.get(block=True, timeout=0.5)
-        except Exception:
-            continue
-        if kind == "controller":
-            controller = payload
-    if controller is None:
-        return  # the controller never started (or the fit ended): nothing holds resources
-    try:
-        ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
-    except Exception:
-        pass  # abort ends with the actor exiting: an actor error is the normal outcome
-    fit.join(timeout=ABORT_TIMEOUT_S)
-    if fit.is_alive():
-        ray.kill(controller, no_restart=True)  # its workers fate-share; Train's cleaner frees the placement group
-        fit.join(timeout=ABORT_TIMEOUT_S)
+            ray.get(self.stop_signal.set.remote(), timeout=ABORT_TIMEOUT_S)
+        except Exception as exc:
+            self.note(f"could not set the stop signal: {exc!r}")
+        self.acks.put_nowait("stopping")  # a relay may be waiting for its report to be taken
+        self._wait(FINISH_TIMEOUT_S if self.finishing else GRACEFUL_STOP_S)
+        if not self.fit.is_alive():
+            self.note(f"Train run ended in {time.monotonic() - started:.1f}s ({GRACEFUL_NOTE})")
+            return
+        self._wait(ABORT_TIMEOUT_S, until_controller=True)
+        if self.controller is None:
+            self.note("no Train controller started; nothing to end")
+            return
+        try:
+            ray.get(self.controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+        except Exception as exc:  # abort ends with the actor exiting: an actor error is the normal outcome
+            self.note(f"aborted the controller ({type(exc).__name__})")
+        self._wait(ABORT_TIMEOUT_S)
+        if self.fit.is_alive():
+            self.note("the controller did not abort in time; killing it")
+            ray.kill(self.controller, no_restart=True)  # workers fate-share; Train's cleaner frees the group
+            self._wait(ABORT_TIMEOUT_S)
+        self.note(f"Train run ended in {time.monotonic() - started:.1f}s (fit thread alive: {self.fit.is_alive()})")
+
+    def _wait(self, seconds: float, *, until_controller: bool = False) -> None:
+        """Wait for the fit to end, taking (not reporting) whatever the controller still sends."""
+        deadline = time.monotonic() + seconds
+        while self.fit.is_alive() and time.monotonic() < deadline:
+            if until_controller and self.controller is not None:
+                return
+            try:
+                kind, payload, _ = self.inbox.get(block=True, timeout=0.5)
+            except Exception:
+                continue
+            if kind == "controller":
+                self.controller = payload
+            else:
+                self.acks.put_nowait("taken")
+
+
+def ended_gracefully(run_dir: str | Path) -> bool:
+    """Whether a stopped trial's workers ended on their own (so rank 0 closed and marked its W&B run)."""
+    log = Path(run_dir) / TRIAL_LOG
+    return log.is_file() and GRACEFUL_NOTE in log.read_text(encoding="utf-8")

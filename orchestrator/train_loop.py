@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.anchor import WeightAnchor
 from orchestrator.config import JobConfig
 from orchestrator.data import (
     Collator,
@@ -135,6 +136,17 @@ def _restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _stop_requested(stop_signal: Any, rank: int, device: torch.device) -> bool:
+    """Whether the sweep stopped this trial. Rank 0 asks; one tiny all-reduce gives every rank the same answer,
+    so all of them leave the loop after the same step."""
+    import ray
+
+    flag = torch.zeros(1, device=device)
+    if rank == 0:
+        flag += float(ray.get(stop_signal.is_set.remote()))
+    return bool(_all_reduce_sum(flag).item() > 0)
 
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -280,6 +292,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
+    # Optional L2 pull toward the starting weights (continual retraining); taken before any checkpoint load.
+    anchor = WeightAnchor.capture(engine.module, config.regularization.l2_to_start)
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -367,6 +381,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         )
 
     fault_at_step = payload.get("fault_at_step")
+    stop_signal = payload.get("stop_signal")  # sweeps: an actor whose is_set() turns true when Tune stops the trial
     engine.train()
     window_loss, window_batches, window_samples = 0.0, 0, 0
     window_extra: dict[str, float] = {}
@@ -389,6 +404,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             batch = collator([train_reader.get(int(i)) for i in batch_indices])
             batch = {k: v.to(device) for k, v in batch.items()}
             output = method.compute_loss(engine, batch)
+            if anchor is not None:
+                output = anchor.add_to(output)
             loss_value = output.loss.detach().float().item()
             if not math.isfinite(loss_value):
                 raise TrainingError(
@@ -449,6 +466,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 if last:
                     metrics.update(best_metric=state.best_metric, best_step=state.best_step, done=True)
                     tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                    if stop_signal is not None:  # a sweep trial (a PBT trial may have been stopped before)
+                        tracker.summary({"sweep/status": "completed", "sweep/steps": state.step})
                 save_checkpoint(metrics)
                 if fault_at_step is not None and state.step >= fault_at_step and checkpoint is None:
                     # Fault injection for drills and tests: fail once, after this checkpoint.
@@ -456,6 +475,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             elif do_eval:
                 ray.train.report(metrics)
             if last:
+                finished = True
+                break
+            if stop_signal is not None and _stop_requested(stop_signal, rank, device):
+                # A sweep trial that Ray Tune stopped (ASHA, a stopper, PBT): end here, W&B run closed cleanly.
+                tracker.summary({"sweep/status": "early_stopped", "sweep/steps": state.step})
                 finished = True
                 break
         else:

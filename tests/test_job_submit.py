@@ -159,6 +159,7 @@ def test_ray_job_submit_runs_a_two_worker_zero2_job(ray_head, tiny_models, share
     assert token and token not in output
 
 
+@pytest.mark.ci
 def test_orchestrator_submit_follows_logs_and_fails_loudly(ray_head, tiny_models, shared_data, tmp_path):
     work, config = _job_dir(tiny_models, shared_data, tmp_path)
     env = _user_env()

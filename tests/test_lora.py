@@ -57,6 +57,7 @@ def test_merged_model_gives_the_adapter_models_logits(tiny_models, shared_data, 
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+@pytest.mark.ci
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lora_under_zero_exports_adapter_and_merged_model(stage, ray_cluster, tiny_models, shared_data, tmp_path):

@@ -64,6 +64,7 @@ def test_encoder_fine_tune_under_zero_stage(stage, ray_cluster, tiny_models, sha
     assert (result.final_model / "orchestrator_job.yaml").is_file()
 
 
+@pytest.mark.ci
 def test_zero3_export_matches_in_training_eval_and_wandb_has_config_and_metrics(
     ray_cluster, tiny_models, shared_data, tmp_path
 ):
@@ -90,6 +91,7 @@ def test_zero3_export_matches_in_training_eval_and_wandb_has_config_and_metrics(
     assert run.summary["sst2/accuracy"] == pytest.approx(reported)
 
 
+@pytest.mark.ci
 @pytest.mark.parametrize(("arch", "stage"), [("gpt2", 2), ("llama", 3)])
 def test_causal_lm_trains_and_reports_perplexity(arch, stage, ray_cluster, tiny_models, shared_data, tmp_path):
     job = tiny_job(f"lm-{arch}", tiny_models[arch], shared_data, tmp_path, task="causal-lm", stage=stage, lr=3e-3)
@@ -106,6 +108,7 @@ def test_causal_lm_trains_and_reports_perplexity(arch, stage, ray_cluster, tiny_
     assert model.config.num_hidden_layers == 2
 
 
+@pytest.mark.ci
 def test_resume_continues_from_the_latest_checkpoint(ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch):
     job = tiny_job("resume", tiny_models["bert"], shared_data, tmp_path, stage=2, checkpoint_every_steps=2)
     config = config_from_dict(job)

@@ -24,6 +24,7 @@ def _weights_at(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds")
 
 
+@pytest.mark.ci
 @pytest.mark.parametrize("stage", [2, 3])
 def test_gradual_unfreezing_keeps_frozen_blocks_bit_identical(stage, ray_cluster, tiny_models, shared_data, tmp_path):
     job = tiny_job(

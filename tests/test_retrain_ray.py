@@ -1,0 +1,111 @@
+"""Continual retraining end to end: two rounds submitted by the scheduler through the real Ray Jobs API (a
+head started with `ray start --head`, token auth on), each a 2-worker DeepSpeed job on a tiny BERT and real
+SST-2 shards; plus the registration of a plain training run."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import config_from_dict
+from orchestrator.continual import sha256_file
+from orchestrator.registry import Registry
+from orchestrator.retrain_config import retrain_from_dict
+from orchestrator.retrain_report import write_report
+from orchestrator.scheduler import RetrainScheduler, job_state
+from orchestrator.submit import job_client
+from orchestrator.tracking import read_metrics
+from tests.conftest import REPO, tiny_job
+from tests.test_job_submit import ray_head  # noqa: F401  (the fixture: a head of our own, stopped afterwards)
+
+pytestmark = pytest.mark.slow
+
+
+def _sst2_shard(shared_data: Path, path: Path, start: int, rows: int) -> Path:
+    lines = (shared_data / "sst2" / "train.tsv").read_text().splitlines()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([lines[0], *lines[1 + start : 1 + start + rows]]) + "\n")
+    return path
+
+
+def _wait_for_job(client, submission_id: str, timeout_s: float = 540) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = job_state(client.get_job_status(submission_id))
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return state
+        time.sleep(3)
+    raise AssertionError(f"job {submission_id} still running after {timeout_s}s")
+
+
+@pytest.mark.ci
+def test_two_rounds_through_the_ray_jobs_api(ray_head, tiny_models, shared_data, tmp_path):  # noqa: F811
+    work = tmp_path / "work"  # the working dir uploaded with each round job (the project's code)
+    shutil.copytree(REPO / "orchestrator", work / "orchestrator", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "jobs", work / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+    job = tiny_job("cl", tiny_models["bert"], shared_data, tmp_path / "runs", stage=2, max_steps=4)
+    job["training"].update(eval_every_steps=None, checkpoint_every_steps=None)
+    incoming = tmp_path / "incoming"
+    spec = {
+        "job": job,
+        "watch": {"dir": str(incoming), "settle_s": 0},
+        "replay": {"fraction": 0.5, "seed": 1},
+        "eval": {"holdout_fraction": 0.2},
+        "gate": {"min_new": 0.0, "max_forgetting": 1.0, "floor": 0.0},  # a tiny random model: the gate lets it pass
+        "l2_to_champion": 0.01,
+        "schedule": {"trigger": "new_data", "poll_s": 5, "address": ray_head},
+    }
+    loaded = retrain_from_dict(spec)
+    registry = Registry(tmp_path / "runs" / "registry.sqlite")
+    client = job_client(ray_head)
+    scheduler = RetrainScheduler(loaded, registry=registry, client=client, working_dir=work, echo=print)
+
+    shard1 = _sst2_shard(shared_data, incoming / "shard1.tsv", 0, 160)
+    outcome = scheduler.tick()
+    assert outcome.startswith("submitted round 1"), outcome
+    sid1 = registry.rounds("cl")[0].submission_id
+    assert scheduler.tick().startswith("busy: round 1")  # never a second round while one runs
+    state = _wait_for_job(client, sid1)
+    assert state == "SUCCEEDED", client.get_job_logs(sid1)[-6000:]
+
+    shard2 = _sst2_shard(shared_data, incoming / "shard2.tsv", 160, 160)
+    outcome = scheduler.tick()
+    assert outcome.startswith("submitted round 2"), outcome
+    sid2 = registry.rounds("cl")[1].submission_id
+    state = _wait_for_job(client, sid2)
+    assert state == "SUCCEEDED", client.get_job_logs(sid2)[-6000:]
+    assert scheduler.tick() == "no new data"
+
+    v1, v2 = registry.models("cl")
+    assert [r.status for r in registry.rounds("cl")] == ["succeeded", "succeeded"]
+    assert (v1.status, v2.status) == ("archived", "champion")  # v2 passed the gate and replaced v1
+    assert v2.parent_id == v1.id and v1.parent_ref == str(tiny_models["bert"].resolve())
+    assert v1.data["continual"]["new"][0]["sha256"] == sha256_file(shard1)
+    assert v2.data["continual"]["new"][0]["sha256"] == sha256_file(shard2)
+    assert v2.data["continual"]["replay"][0]["rows"] == 64  # half of the 128 rows v1 learned
+    assert sorted(v2.eval_metrics) == ["shard1", "shard2", "sst2"]  # every eval set seen so far + the new one
+    assert set(v2.metrics["forgetting"]) == {"shard1", "sst2"}
+    assert v2.decision == "promote" and "max forgetting" in v2.decision_reason
+    assert v2.code_version  # passed to the job: its uploaded copy has no .git
+    assert Path(v2.artifact, "model.safetensors").is_file()
+    round2 = read_metrics(Path(v2.artifact).parent)
+    assert any("train/l2_to_start" in r for r in round2 if r["kind"] == "train")  # L2 to the champion was on
+
+    files = write_report(registry, "cl", tmp_path / "report")
+    assert files.png is not None and files.matrix.eval_sets == ["sst2", "shard1", "shard2"]
+
+
+def test_a_plain_training_run_registers_its_model(ray_cluster, tiny_models, shared_data, tmp_path):
+    from orchestrator.launcher import run_training
+
+    config = config_from_dict(tiny_job("plain", tiny_models["bert"], shared_data, tmp_path, max_steps=2))
+    result = run_training(config)
+    assert result.model_id == "plain-v1"
+    record = Registry(tmp_path / "registry.sqlite").get("plain-v1")
+    assert record.status == "candidate" and record.artifact == str(result.final_model)
+    assert record.data["train"]["sha256"] == sha256_file(shared_data / "sst2" / "train.tsv")
+    assert record.data["train"]["rows"] == 192 and record.eval_metrics["sst2"]["accuracy"] >= 0
+    assert record.parent_ref == str(tiny_models["bert"].resolve()) and record.config["name"] == "plain"
