@@ -309,3 +309,35 @@ def test_config_error_survives_pickling_as_ray_sends_trial_errors():
     assert error_text(RuntimeError(f"wrapped\norchestrator.errors.ConfigError: {error}\nTraceback")) == (
         "ConfigError: 1 problem in job.yaml: - job.yaml: model.path: model folder not found fix: check it"
     )
+
+
+def test_sweep_command_prints_the_results_table(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import orchestrator.sweep
+    from orchestrator.cli import app
+    from orchestrator.sweep import SweepResult
+
+    trials = [
+        TrialRecord("a_00000", "completed", {"training.lr": 1e-3}, 0.81, 0.8, 8),
+        TrialRecord("a_00001", "early_stopped", {"training.lr": 0.3}, 0.5, 0.5, 3, stop_reason="asha"),
+        TrialRecord("a_00002", "error", {"training.lr": 0.5}, None, None, None, error="TrainingError: loss became nan"),
+    ]
+    fake = SweepResult(
+        sweep_dir=tmp_path / "s",
+        metric="sst2/accuracy",
+        mode="max",
+        trials=trials,
+        best=trials[0],
+        best_model=tmp_path / "s" / "best_model",
+        results_csv=tmp_path / "s" / "results.csv",
+        results_json=tmp_path / "s" / "results.json",
+        plot=tmp_path / "s" / "learning_curves.png",
+        wandb=None,
+    )
+    monkeypatch.setattr(orchestrator.sweep, "resume_sweep", lambda sweep_dir, address=None: fake)
+    result = CliRunner().invoke(app, ["sweep", "--resume", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for text in ("a_00001", "early stopped", "stopped: asha", "TrainingError: loss became nan", "0.8100"):
+        assert text in result.output
+    assert "best trial a_00000: sst2/accuracy 0.8100" in result.output

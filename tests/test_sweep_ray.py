@@ -66,6 +66,7 @@ def _runs_by_id(root: Path) -> dict[str, list[OfflineRun]]:
     return runs
 
 
+@pytest.mark.ci
 def test_asha_stops_a_trial_and_its_workers_and_placement_group_are_freed(
     ray_cluster, tiny_models, shared_data, tmp_path
 ):
