@@ -52,6 +52,12 @@ class Method(Protocol):
         ...
 
 
+def model_loss(model: Any, batch: dict[str, torch.Tensor]) -> TrainBatchOutput:
+    """The loss the model computes itself from ``labels`` (HF models); shared by full and LoRA."""
+    outputs = model(**batch)
+    return TrainBatchOutput(loss=outputs.loss, logits=outputs.logits)
+
+
 _METHODS: dict[str, Method] = {}
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import JobConfig
-from orchestrator.methods.base import MethodContext, TrainBatchOutput
+from orchestrator.methods.base import MethodContext, TrainBatchOutput, model_loss
 
 
 class FullFineTune:
@@ -18,8 +18,7 @@ class FullFineTune:
         return model
 
     def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> TrainBatchOutput:
-        outputs = model(**batch)
-        return TrainBatchOutput(loss=outputs.loss, logits=outputs.logits)
+        return model_loss(model, batch)
 
     def save_weights(
         self, module: torch.nn.Module, state: dict[str, torch.Tensor], destination: Path, config: JobConfig

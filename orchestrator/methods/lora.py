@@ -15,7 +15,7 @@ import torch
 
 from orchestrator.config import JobConfig, LoraSection
 from orchestrator.errors import ConfigIssue, ModelError
-from orchestrator.methods.base import MethodContext, TrainBatchOutput
+from orchestrator.methods.base import MethodContext, TrainBatchOutput, model_loss
 
 # Defaults by `config.model_type`; users override with lora.target_modules.
 DEFAULT_TARGETS = {
@@ -93,8 +93,7 @@ class LoraMethod:
         return get_peft_model(model, lora_config)
 
     def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> TrainBatchOutput:
-        outputs = model(**batch)
-        return TrainBatchOutput(loss=outputs.loss, logits=outputs.logits)
+        return model_loss(model, batch)
 
     def save_weights(
         self, module: torch.nn.Module, state: dict[str, torch.Tensor], destination: Path, config: JobConfig
