@@ -788,7 +788,7 @@ def issues_from_validation_error(
                 message += f" (got {err['input']!r})"
             info = _field_for(err["loc"])
             if info is not None and info.description:
-                hint = info.description
+                hint = f"give a valid value here; the field is: {info.description}"
         issues.append(ConfigIssue(location=dotted, message=message, line=line, hint=hint))
     return issues
 
