@@ -31,7 +31,7 @@ def resolve_wandb_mode(mode: str) -> str:
 class Tracker:
     """Writes metrics to metrics.jsonl and W&B. Create it on rank 0 only; other ranks get a no-op."""
 
-    def __init__(self, config: JobConfig, run_dir: Path, *, enabled: bool, resumed: bool = False):
+    def __init__(self, config: JobConfig, run_dir: Path, *, enabled: bool):
         self.enabled = enabled
         self.run_dir = run_dir
         self.wandb_run: Any = None

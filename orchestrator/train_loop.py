@@ -318,7 +318,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             scheduler.step()  # this trial's schedule, at the donor's step
 
     metric_name, metric_mode = best_metric_name(config, data)
-    tracker = Tracker(config, run_dir, enabled=rank == 0, resumed=checkpoint is not None)
+    tracker = Tracker(config, run_dir, enabled=rank == 0)
     if rank == 0:
         # ZeRO-3 leaves each parameter empty on the module; ds_numel is its full size.
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
