@@ -138,6 +138,16 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _memory_mb(device: torch.device) -> dict[str, float]:
+    """This worker's memory: peak resident set of the process (CPU), or peak allocated CUDA memory."""
+    import resource
+
+    values = {"memory/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.type == "cuda":
+        values["memory/peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return values
+
+
 def _stop_requested(stop_signal: Any, rank: int, device: torch.device) -> bool:
     """Whether the sweep stopped this trial. Rank 0 asks; one tiny all-reduce gives every rank the same answer,
     so all of them leave the loop after the same step."""
@@ -248,6 +258,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train.torch
 
     _quiet_libraries()
+    memory_at_start = _memory_mb(torch.device("cpu"))["memory/peak_rss_mb"]  # before the model exists
     config = JobConfig.model_validate(payload["config"])
     data: PreparedData = payload["data"]
     run_dir = Path(payload["run_dir"])
@@ -333,6 +344,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 "precision": precision,
                 "params_total": total,
                 "params_trainable": trainable,
+                "memory/rss_before_model_mb": memory_at_start,
                 "data": data.summary(),
             },
         )
@@ -440,6 +452,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                         "train/epoch": state.epoch + state.batch_in_epoch / budget.batches_per_epoch,
                         "total_steps": budget.total_steps,
                         **(unfreezing.log_values(state.step - 1) if unfreezing is not None else {}),
+                        **_memory_mb(device),
                     },
                 )
                 window_loss, window_batches, window_samples = 0.0, 0, 0
