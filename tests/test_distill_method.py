@@ -311,3 +311,42 @@ def test_unfreezing_schedules_the_students_blocks(teachers, tmp_path) -> None:
     assert module.student.classifier.weight.grad is not None
     assert module.student.bert.encoder.layer[1].attention.self.query.weight.grad is None
     unfreezing.stop.remove()
+
+
+def test_lora_student_trains_only_adapters_and_head_and_exports_a_merged_model(teachers, tmp_path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    config = config_from_dict(
+        {
+            **_job(teachers["bert4"], tmp_path, {"teacher": str(teachers["bert4"]), "keep_every": 2}),
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        }
+    )
+    model = load_model(str(teachers["bert4"]), task="sequence-classification", label_names=LABELS)
+    context = MethodContext(model_path=str(teachers["bert4"]), device=CPU.device, precision="fp32", world_size=1)
+    module = get_method("distill").prepare_model(model, config, context)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "classifier" in n or n.startswith("projector.") for n in trainable)
+    assert any("lora_A" in n for n in trainable)  # (same width as the teacher: the projector has no parameters)
+    assert not any("teacher" in n for n, _ in module.named_parameters())
+
+    out = get_method("distill").compute_loss(module, _batch(teachers["bert4"]))
+    assert {"loss_ce", "loss_kd", "loss_hidden"} <= set(out.extra)
+    out.loss.backward()
+    with torch.no_grad():  # move the adapters off zero so the merge is visible
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+
+    destination = tmp_path / "export"
+    destination.mkdir()
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    get_method("distill").save_weights(module, state, destination, config)
+    assert (destination / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForSequenceClassification.from_pretrained(destination).eval()
+    assert merged.config.num_hidden_layers == 2
+    batch = {k: v for k, v in _batch(teachers["bert4"]).items() if k != "labels"}
+    module.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, module.student(**batch).logits, atol=1e-5)
+    assert json.loads((destination / LINEAGE_FILE).read_text())["student_lora"] == {"r": 4, "alpha": 8.0}

@@ -83,3 +83,20 @@ def test_distill_resumes_after_a_worker_failure(ray_cluster, teacher4, shared_da
     assert [s["resumed_from_step"] for s in records if s["kind"] == "start"] == [None, 3]
     assert result.metrics["step"] == 6
     assert result.final_model is not None and (result.final_model / "distill_lineage.json").is_file()
+
+
+def test_distill_into_a_lora_student_under_zero3(ray_cluster, teacher4, shared_data, tmp_path):
+    """A LoRA student: only adapters and head train (ZeRO-3 shards them too); the export is a merged plain model."""
+    from transformers import AutoModelForSequenceClassification
+
+    job = _distill_job("distill-lora-z3", teacher4, shared_data, tmp_path, 3, teacher_placement="replicated")
+    job["lora"] = {"r": 4, "alpha": 8}
+    result = run_training(config_from_dict(job))
+
+    records = read_metrics(result.run_dir)
+    start = next(r for r in records if r["kind"] == "start")
+    assert 0 < start["params_trainable"] < start["params_total"] / 2
+    assert all(math.isfinite(r["train/loss"]) for r in records if r["kind"] == "train")
+    student = AutoModelForSequenceClassification.from_pretrained(result.final_model)
+    assert student.config.num_hidden_layers == 2
+    assert (result.final_model / "adapter" / "adapter_config.json").exists()

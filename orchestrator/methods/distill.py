@@ -22,12 +22,13 @@ How it fits the engine:
   ``model.path`` then only lends its tokenizer, label names and dtype. ``pretrained``: the model loaded from
   ``model.path``, as it is. Either way teacher and ``model.path`` must share one tokenizer
   (:func:`orchestrator.distill.check_vocab_match`), checked before the job takes workers (:meth:`Distill.preflight`)
-  and again on each worker.
+  and again on each worker. With a ``lora`` section the student is wrapped in LoRA adapters (the same PEFT setup as
+  ``method: lora``): its blocks stay frozen but for the adapters, the head and the projector train in full.
 * **The loss.** :func:`orchestrator.distill.distillation_loss`: ``alpha·CE + kd_weight·KD + hidden_weight·hidden``;
   the unweighted terms are logged as ``train/loss_ce``, ``train/loss_kd`` and ``train/loss_hidden``. In eval mode
   (``engine.eval()``) the module runs only the student and returns its logits and its own loss on the labels.
 * **Export.** Only the student, as a plain Hugging Face folder, plus ``distill_lineage.json`` naming the teacher,
-  the kept teacher blocks and the layer map.
+  the kept teacher blocks and the layer map (a LoRA student: merged model + ``adapter/``, like ``method: lora``).
 """
 
 from __future__ import annotations
@@ -284,6 +285,16 @@ class Distill:
             layer_pairs = parse_layer_map(d.layer_map, n_student, n_teacher)
             projector = HiddenProjector.from_configs(student.config, teacher.config, len(layer_pairs))
             projector.to(dtype=next(student.parameters()).dtype)
+        if config.lora is not None:
+            # A LoRA student: adapters on the (teacher-initialised or pretrained) student, the rest of it frozen;
+            # the head and the hidden projector still train in full. Same PEFT wrapping as method: lora.
+            from orchestrator.methods.lora import check_targets, peft_config
+
+            lora_config = peft_config(config, student.config.model_type)
+            check_targets(student, list(lora_config.target_modules))
+            from peft import get_peft_model
+
+            student = get_peft_model(student, lora_config)
 
         teacher.to(dtype=torch.bfloat16 if context.precision == "bf16" else torch.float32)
         placement = resolve_placement(
@@ -317,6 +328,7 @@ class Distill:
             "hidden_weight": d.hidden_weight,
             "temperature": d.temperature,
             "hidden_loss": d.hidden_loss,
+            "student_lora": None if config.lora is None else {"r": config.lora.r, "alpha": config.lora.alpha},
         }
         return DistillationModule(
             student,
@@ -339,6 +351,11 @@ class Distill:
         """Only the student, as a plain Hugging Face folder, and ``distill_lineage.json``."""
         prefix = "student."
         student_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        module.student.save_pretrained(str(destination), state_dict=student_state, safe_serialization=True)
+        if hasattr(module.student, "peft_config"):  # a LoRA student: exported like method: lora
+            from orchestrator.methods.lora import LoraMethod
+
+            LoraMethod().save_weights(module.student, student_state, Path(destination), config)
+        else:
+            module.student.save_pretrained(str(destination), state_dict=student_state, safe_serialization=True)
         lineage = getattr(module, "lineage", None) or {"teacher": config.distill.teacher if config.distill else None}
         (Path(destination) / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))
