@@ -318,7 +318,7 @@ def test_lora_student_trains_only_adapters_and_head_and_exports_a_merged_model(t
 
     config = config_from_dict(
         {
-            **_job(teachers["bert4"], tmp_path, {"teacher": str(teachers["bert4"]), "keep_every": 2}),
+            **_job(teachers["bert4"], tmp_path, {"teacher": str(teachers["bert4"]), "hidden_weight": 1}),
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         }
     )
