@@ -55,7 +55,7 @@ def score(model_dirs: dict[str, Path], passes: int = 3, batch: int = 64, max_len
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=None, help="an exported teacher folder to reuse")
-    parser.add_argument("--teacher-limit", type=int, default=9600)
+    parser.add_argument("--teacher-limit", type=int, default=4800)
     parser.add_argument("--student-epochs", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

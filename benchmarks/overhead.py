@@ -81,10 +81,21 @@ def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: 
     start = next(r for r in records if r["kind"] == "start")
     steady = [r for r in train if r["step"] > warmup]
     seconds = steady[-1]["time"] - train[warmup - 1]["time"]
+    first_step = train[0]["time"] - launched
+    breakdown = {}
+    if "setup/worker_entry" in start:  # where the time to the first step goes
+        marks = [("ray_and_workers_start", launched, start["setup/worker_entry"]),
+                 ("imports", start["setup/worker_entry"], start["setup/imports_done"]),
+                 ("model_load", start["setup/imports_done"], start["setup/model_ready"]),
+                 ("deepspeed_init", start["setup/model_ready"], start["setup/engine_ready"]),
+                 ("first_step", start["setup/engine_ready"], train[0]["time"])]
+        breakdown = {name: b - a for name, a, b in marks}
     return {
         "samples_per_s": len(steady) * batch / seconds,
-        "time_to_first_step_s": train[0]["time"] - launched,
+        "time_to_first_step_s": first_step,
         "worker_setup_s": start["time"] - launched,
+        "torch_threads": start.get("torch_threads"),
+        "first_step_breakdown_s": breakdown,
     }
 
 
