@@ -7,11 +7,12 @@ then step, log, evaluate and checkpoint until the step budget is spent, and expo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ from orchestrator.export import export_hf_folder
 from orchestrator.layers import LayerGroups, find_layer_groups
 from orchestrator.methods import MethodContext, get_method
 from orchestrator.models import load_model, load_tokenizer
+from orchestrator.reshard import (
+    convert_to_universal,
+    global_batch_warning,
+    needs_universal,
+    read_saved_state,
+    resume_position,
+    weights_l2,
+)
 from orchestrator.tracking import Tracker
 from orchestrator.unfreeze import (
     BackwardStop,
@@ -50,6 +59,8 @@ from orchestrator.unfreeze import (
     resolve_schedule,
     trainable_groups,
 )
+
+logger = logging.getLogger(__name__)
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
@@ -65,6 +76,12 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     samples_seen: int = 0
+    # The topology that wrote the checkpoint, so a resume on another world size can re-shard (orchestrator.reshard).
+    world_size: int | None = None
+    batch_size: int | None = None  # micro-batch per worker
+    grad_accumulation: int | None = None
+    zero_stage: int | None = None
+    total_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -284,7 +301,19 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     model = method.prepare_model(model, config, MethodContext(model_path=payload["model_path"], device=device,
                                                               precision=precision, world_size=world_size))
 
+    checkpoint = ray.train.get_checkpoint()
+    # A PBT sweep trial may continue another trial's model and optimizer moments with its own hyperparameters.
+    inherited = checkpoint is None and bool(payload.get("init_checkpoint"))
+    if inherited:
+        checkpoint = ray.train.Checkpoint(payload["init_checkpoint"])
+    # A checkpoint written by another number of workers is re-sharded on load (orchestrator.reshard explains how);
+    # its state is read first because the engine must be built for that.
+    saved = read_saved_state(checkpoint, STATE_FILE) if checkpoint is not None else None
+    new_world_size = saved is not None and saved.get("world_size") not in (None, world_size)
+    universal = needs_universal(saved, world_size=world_size)
     budget = StepBudget.for_job(config, len(data.train), world_size)
+    if new_world_size and saved.get("total_steps"):
+        budget = replace(budget, total_steps=saved["total_steps"])  # the restored LR schedule counts to it
     unfreezing = build_unfreezing(model, config, budget)
     if unfreezing is None:
         groups = param_groups(model, t.weight_decay)
@@ -300,6 +329,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             wrap=lambda base, group: GroupLR(base, unfreezing.schedule, group["layer_group"]),
         )
     ds_config = build_deepspeed_config(config, world_size=world_size, precision=precision)
+    if universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
@@ -307,16 +338,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     anchor = WeightAnchor.capture(engine.module, config.regularization.l2_to_start)
 
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    # A PBT sweep trial may continue another trial's model and optimizer moments with its own hyperparameters.
-    inherited = checkpoint is None and bool(payload.get("init_checkpoint"))
-    if inherited:
-        checkpoint = ray.train.Checkpoint(payload["init_checkpoint"])
+    resharded: dict[str, Any] = {}
     if checkpoint is not None:
         own_settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        with checkpoint.as_directory() as ckpt_dir:
+        with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="orch-universal-") as scratch:
+            load_dir = convert_to_universal(ckpt_dir, DS_TAG, scratch) if universal else ckpt_dir
             engine.load_checkpoint(
-                ckpt_dir, tag=DS_TAG, load_module_strict=False, load_lr_scheduler_states=not inherited
+                load_dir, tag=DS_TAG, load_module_strict=False, load_lr_scheduler_states=not inherited
             )
             state = TrainState(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
             rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
@@ -327,6 +355,34 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 group.update(settings)  # this trial's lr, weight decay and betas, not the donor's
             scheduler.last_epoch = state.step - 1
             scheduler.step()  # this trial's schedule, at the donor's step
+        if new_world_size or (state.batch_size or t.batch_size_per_worker) != t.batch_size_per_worker:
+            position = resume_position(
+                state.batch_in_epoch,
+                old_world_size=state.world_size or world_size,
+                old_batch_size=state.batch_size or t.batch_size_per_worker,
+                world_size=world_size,
+                batch_size=t.batch_size_per_worker,
+            )
+            resharded = {
+                "resume/old_world_size": state.world_size,
+                "resume/old_batch_in_epoch": state.batch_in_epoch,
+                "resume/batch_in_epoch": position.batch_in_epoch,
+                "resume/skipped_rows": position.skipped_rows,
+                "resume/universal_checkpoint": universal,
+                "resume/weights_l2": weights_l2(engine),  # to check the re-sharded weights against the checkpoint
+            }
+            state.batch_in_epoch = position.batch_in_epoch
+            warning = global_batch_warning(
+                saved, world_size=world_size, batch_size=t.batch_size_per_worker, grad_accumulation=t.grad_accumulation
+            )
+            if warning:
+                resharded["resume/warning"] = warning
+                if rank == 0:
+                    logger.warning(warning)
+    # Every checkpoint records the topology that wrote it.
+    state.world_size, state.batch_size = world_size, t.batch_size_per_worker
+    state.grad_accumulation, state.zero_stage = t.grad_accumulation, engine.zero_optimization_stage()
+    state.total_steps = budget.total_steps
 
     metric_name, metric_mode = best_metric_name(config, data)
     tracker = Tracker(config, run_dir, enabled=rank == 0)
@@ -345,6 +401,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 "params_total": total,
                 "params_trainable": trainable,
                 "memory/rss_before_model_mb": memory_at_start,
+                **resharded,
                 "data": data.summary(),
             },
         )
