@@ -61,6 +61,13 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory (slower steps)."
     )
+    grow_head: bool = Field(
+        False,
+        description="sequence-classification: keep the classifier of model.path for its own labels and add "
+        "fresh rows for the data.label_names after them (those must start with the model's labels, in order). "
+        "Continual rounds set it when new data brings new labels; off: a label set other than the model's "
+        "gets a whole new head.",
+    )
 
 
 class DataSource(_Section):
@@ -81,6 +88,14 @@ class DataSource(_Section):
     )
     limit: int | None = Field(
         None, gt=0, description="Use only the first N valid rows (quick runs, small-data experiments)."
+    )
+    labels: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Eval sets only: score this set over these label names alone (task-incremental evaluation: "
+        "the other labels' logits are ignored, so the score stays comparable when the model's label space "
+        "grows). Every row's label must be one of them. Continual rounds set it when the label space has grown. "
+        "Default: all labels.",
     )
 
     @property
@@ -565,6 +580,7 @@ class JobConfig(_Section):
             self.lora = LoraSection()
         if self.data.label_names is not None and len(set(self.data.label_names)) != len(self.data.label_names):
             problems.append("data.label_names has duplicates; list each label once")
+        problems += self._label_subset_problems()
         if self.method == "distill" and self.distill is None:
             problems.append("method: distill needs a distill section (at least distill.teacher)")
         if self.method != "distill" and self.distill is not None:
@@ -572,6 +588,31 @@ class JobConfig(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _label_subset_problems(self) -> list[str]:
+        problems = []
+        classification = self.model.task == "sequence-classification"
+        if self.data.train.labels is not None:
+            problems.append("data.train.labels: only eval sets take labels (a subset to score over); remove it")
+        if self.model.grow_head and not (classification and self.data.label_names):
+            problems.append(
+                "model.grow_head needs sequence-classification and data.label_names (the model's labels first, "
+                "then the new ones)"
+            )
+        for i, source in enumerate(self.data.eval):
+            if source.labels is None:
+                continue
+            if not classification:
+                problems.append(f"data.eval[{i}].labels: only sequence-classification eval sets take labels")
+            elif len(set(source.labels)) != len(source.labels):
+                problems.append(f"data.eval[{i}].labels has duplicates; list each label once")
+            elif self.data.label_names is not None:
+                unknown = [n for n in source.labels if n not in self.data.label_names]
+                if unknown:
+                    problems.append(
+                        f"data.eval[{i}].labels {unknown} are not in data.label_names {self.data.label_names}"
+                    )
+        return problems
 
     @model_validator(mode="after")
     def _regularization_fits(self) -> JobConfig:

@@ -12,8 +12,29 @@ The parts are pure functions, testable without a cluster:
 holdout under the round's run dir, writes the round's job config (``round.yaml``), trains it with
 :func:`orchestrator.launcher.run_training`, registers the candidate with its lineage and applies the gate.
 
-Label spaces must not change between rounds (a new file whose labels are not the champion's is refused
-with both label sets named): continual learning across tasks (SST-2, then AG News) is out of scope.
+A new label space (SST-2 negative/positive, then AG News World/Sports/Business/Sci/Tech) grows the head
+over the union of the labels, so forgetting across tasks can be measured:
+
+* **Union label space.** The round's labels are the champion's, ids unchanged, then the labels it does not
+  know, sorted (:func:`union_label_names`: the order never depends on the order rows or files arrive in).
+* **Expanded head.** The round job sets ``model.grow_head``: each worker loads the champion with its own
+  label count and grows the classifier's output layer (:func:`orchestrator.models.grow_classifier`): old rows
+  (weights and bias) copied, new rows initialised like a fresh head, everything else loaded as is. The
+  exported model's config (num_labels, id2label, label2id) is the union.
+* **Evaluation per task.** Each label group (the labels one round added, :func:`label_groups`) is a task.
+  Once there are two, every eval set is scored over the labels of the groups its rows use (task-incremental
+  evaluation, :func:`task_labels`; labels set on the eval set, or recorded for it by an earlier round, win):
+  its ``data.eval[].labels`` are set, the logits of the other labels are
+  masked out before argmax, loss and macro-F1, so SST-2 accuracy stays comparable across rounds while the head
+  also knows AG News. A subset is recorded in the round's job config (and so carried to later rounds) and with
+  each eval set in the registry's data record.
+* **Replay** mixes earlier rows with their own labels (SST-2 rows keep negative/positive) into the new round;
+  the training loss is over the whole union.
+
+Refused, with both label sets named: new labels with ``new_labels: refuse`` in the retrain file, in the first
+round (no champion to grow: the base job's ``data.label_names`` must list them), with ``method: distill`` (the
+teacher's head does not know them), and integer labels beyond the model's ids when its labels are names
+(a third label, or a typo?). Causal LMs have no labels and are unaffected; so are plain training jobs.
 """
 
 from __future__ import annotations
@@ -282,10 +303,15 @@ class Rows:
 
 
 def read_rows(source: DataSource, *, task: str, on_bad_rows: str, label_names: list[str] | None) -> Rows:
-    """Read a file's valid rows. With ``label_names``, the file's labels must be those names (or their ids).
+    """Read a file's valid rows with label names.
+
+    With ``label_names`` (the model's labels in id order), a label that is one of them, or the 0-based id of
+    one, becomes that name; any other label is kept as it is: a label the model does not know yet (see
+    :func:`union_label_names`).
 
     Raises:
-        DataError: unreadable file, bad row, or labels outside ``label_names`` (naming both label sets).
+        DataError: unreadable file or bad row; or an integer label beyond the model's ids while its labels are
+            names (a new label or a typo?), naming both label sets.
     """
     from orchestrator.data import RowReader, scan_source
 
@@ -293,13 +319,21 @@ def read_rows(source: DataSource, *, task: str, on_bad_rows: str, label_names: l
     scanned = scan_source(source, task=task, label_to_id=None, on_bad_rows=on_bad_rows, collect_labels=discovered)
     by_provisional = {i: key for key, i in discovered.items()}
     if task == "sequence-classification" and label_names is not None:
-        unknown = [k for k in discovered if k not in label_names and not (k.isdigit() and int(k) < len(label_names))]
-        if unknown:
+        ids_are_names = all(n.isdigit() for n in label_names)
+        ambiguous = [k for k in discovered if k not in label_names and k.isdigit() and not ids_are_names]
+        ambiguous = [k for k in ambiguous if int(k) >= len(label_names)]
+        if ambiguous:
             raise DataError(
-                f"{source.path}: its labels {sorted(discovered)} are not the model's label set {label_names} "
-                f"(unknown: {sorted(unknown)}). Retraining keeps one label space; a file from another task (e.g. AG "
-                "News after SST-2) needs its own model name and base job"
+                f"{source.path}: its labels {_sort_labels(discovered)} include ids {_sort_labels(ambiguous)} beyond "
+                f"the model's label set {label_names} (ids 0-{len(label_names) - 1}); write new labels as names, "
+                "not numbers"
             )
+
+    def name_of(key: str) -> str:
+        if label_names is None or key in label_names or not (key.isdigit() and int(key) < len(label_names)):
+            return key
+        return label_names[int(key)]
+
     reader = RowReader(scanned)
     texts, pairs, labels = [], [], []
     try:
@@ -307,8 +341,7 @@ def read_rows(source: DataSource, *, task: str, on_bad_rows: str, label_names: l
             text, pair, provisional = reader.get(i)
             label = None
             if task == "sequence-classification":
-                key = by_provisional[int(provisional)]
-                label = key if label_names is None or key in label_names else label_names[int(key)]
+                label = name_of(by_provisional[int(provisional)])
             texts.append(text)
             pairs.append(pair)
             labels.append(label)
@@ -353,6 +386,71 @@ def _sort_labels(names: Iterable[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# A growing label space
+# --------------------------------------------------------------------------------------------------
+
+
+def union_label_names(known: Sequence[str], found: Iterable[str]) -> list[str]:
+    """The model's labels (ids unchanged), then the labels it does not know yet, sorted (numbers numerically),
+    so the order does not depend on the order rows or files arrive in."""
+    known = list(known)
+    return known + _sort_labels(set(found) - set(known))
+
+
+def label_groups(spaces: Iterable[Sequence[str] | None]) -> list[list[str]]:
+    """The label space as groups of labels added together (one task each), from the label spaces of a lineage,
+    oldest first: each group is what a space added to the ones before it."""
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for space in spaces:
+        added = [n for n in space or [] if n not in seen]
+        if added:
+            groups.append(added)
+            seen.update(added)
+    return groups
+
+
+def task_labels(found: Iterable[str], groups: Sequence[Sequence[str]]) -> list[str] | None:
+    """The labels an eval set is scored over: every group its labels touch, in id order. None (all labels) when
+    there is one group, when that is every label, or when fewer than 2 labels would be left."""
+    found = set(found)
+    chosen = [n for group in groups if found & set(group) for n in group]
+    if len(groups) <= 1 or len(chosen) < 2 or len(chosen) == sum(len(g) for g in groups):
+        return None
+    return chosen
+
+
+def _labels_in(source: dict[str, Any], *, task: str, label_names: list[str], on_bad_rows: str) -> set[str]:
+    """The label names that occur in an eval file (ids mapped to names as training maps them)."""
+    from orchestrator.data import scan_source
+
+    scanned = scan_source(
+        DataSource.model_validate(source),
+        task=task,
+        label_to_id={n: i for i, n in enumerate(label_names)},
+        on_bad_rows=on_bad_rows,
+    )
+    return {label_names[int(i)] for i in np.unique(scanned.labels)}
+
+
+def _growth_refused(loaded: LoadedRetrain, champion: ModelRecord | None) -> str | None:
+    """Why the label space may not grow in this round (None: it may)."""
+    if loaded.config.new_labels == "refuse":
+        return (
+            "new_labels: refuse keeps the model's label space (set new_labels: grow to add them to the head, or "
+            "train a file from another task under its own model name)"
+        )
+    if champion is None:
+        return (
+            "the first round has no champion whose head could grow; list them in the base job's data.label_names "
+            "(or leave label_names unset to take the labels from the new data)"
+        )
+    if loaded.job.method == "distill":
+        return "method: distill cannot grow the label space (the teacher's classifier does not know the new labels)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # One round
 # --------------------------------------------------------------------------------------------------
 
@@ -373,6 +471,7 @@ class RoundPlan:
     replay: list[dict[str, Any]]
     label_names: list[str] | None
     warnings: list[str] = field(default_factory=list)
+    labels_added: list[str] = field(default_factory=list)  # labels the champion did not know (head grown)
 
     def data_record(self, summary: dict[str, Any]) -> dict[str, Any]:
         """What the registry records as the candidate's data: the job's files plus where they came from."""
@@ -384,6 +483,7 @@ class RoundPlan:
                 "learned": self.learned,
                 "replay": self.replay,
                 "new_eval": self.new_eval,
+                "labels_added": self.labels_added,
                 "warnings": self.warnings,
             },
         }
@@ -431,7 +531,8 @@ def plan_round(
     """Write the round's data files and build its job config (no training yet).
 
     Raises:
-        DataError: a new file's labels differ from the model's, or a file cannot be read.
+        DataError: a new file brings labels the model does not know and the label space may not grow (see the
+            module docstring), or a file cannot be read.
     """
     rc, base = loaded.config, loaded.job
     name = loaded.name
@@ -457,8 +558,21 @@ def plan_round(
     new_rows = [
         read_rows(s, task=task, on_bad_rows=base.data.on_bad_rows, label_names=label_names) for s in new_sources
     ]
+    found = {label for rows in new_rows for label in rows.labels if label is not None}
+    labels_added: list[str] = []
     if classification and label_names is None:
-        label_names = _sort_labels({label for rows in new_rows for label in rows.labels if label is not None})
+        label_names = _sort_labels(found)
+    elif classification:
+        known = list(label_names)
+        label_names = union_label_names(known, found)
+        labels_added = label_names[len(known) :]
+        refused = _growth_refused(loaded, champion) if labels_added else None
+        if refused:
+            paths = ", ".join(s.path for s in new_sources)
+            raise DataError(
+                f"{paths}: the new data's labels {_sort_labels(found)} include {labels_added}, which the model's "
+                f"label set {known} does not have; {refused}"
+            )
     train_rows: list[tuple[str, str | None, str | None]] = []
     holdout_rows: list[tuple[str, str | None, str | None]] = []
     for rows, f in zip(new_rows, new_files):
@@ -524,6 +638,22 @@ def plan_round(
         write_jsonl(holdout_path, holdout_rows)
         evals[new_eval] = jsonl_source(holdout_path, name=new_eval, pairs=has_pairs, labels=classification)
 
+    # Per-task evaluation once the label space has grown: each eval set keeps the labels an earlier round
+    # recorded for it, else gets those of the label groups its rows use (see the module docstring).
+    if classification:
+        recorded: dict[str, list[str]] = {}
+        for record in chain:  # newest first: the latest recorded subset wins
+            for s in (record.config.get("data") or {}).get("eval", []):
+                if s.get("labels"):
+                    recorded.setdefault(s.get("name") or Path(s["path"]).stem, s["labels"])
+        groups = label_groups([*(r.data.get("label_names") for r in reversed(chain)), label_names])
+        for display, source in evals.items():
+            subset = source.get("labels") or recorded.get(display)
+            if subset is None and len(groups) > 1:
+                found_here = _labels_in(source, task=task, label_names=label_names, on_bad_rows=base.data.on_bad_rows)
+                subset = task_labels(found_here, groups)
+            source["labels"] = subset
+
     job = base.to_dict()
     job["name"] = job_name
     job["model"]["path"] = start_model
@@ -531,6 +661,7 @@ def plan_round(
     job["data"]["eval"] = list(evals.values())
     if classification:
         job["data"]["label_names"] = label_names
+        job["model"]["grow_head"] = bool(labels_added)  # warm start: the champion's head gets rows for them
     job["output"]["dir"] = str(out_root)
     job["output"]["registry"] = None  # the round registers its candidate itself, with the round's lineage
     if rc.l2_to_champion > 0 and champion is not None:
@@ -556,6 +687,7 @@ def plan_round(
         replay=replay_record,
         label_names=label_names if classification else None,
         warnings=warnings,
+        labels_added=labels_added,
     )
 
 
@@ -662,6 +794,11 @@ def run_round(
         plan = plan_round(loaded, registry, claimed.round, new_files)
         for warning in plan.warnings:
             logger.warning("round %s of %s: %s", claimed.round, name, warning)
+        if plan.labels_added:
+            logger.info(
+                "round %s of %s: new labels %s; the head grows to %s and each eval set is scored over its own labels",
+                claimed.round, name, plan.labels_added, plan.label_names,
+            )  # fmt: skip
         result = (train or run_training)(plan.job, address=address, progress=progress)
         gate = gate_for(loaded)
         scores = {
@@ -695,6 +832,8 @@ def run_round(
             "forgetting": forgetting,
             "new_files": [f.to_dict() for f in new_files],
             "replay": plan.replay,
+            "label_names": plan.label_names,
+            "labels_added": plan.labels_added,
             "warnings": plan.warnings,
         }
         (plan.run_dir / ROUND_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -61,6 +61,7 @@ class ScannedSource:
     rows_read: int
     bad_rows: int = 0
     bad_examples: list[str] = field(default_factory=list)
+    label_subset: list[int] | None = None  # eval sets: the label ids it is scored over (None: all labels)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -331,11 +332,13 @@ class PreparedData:
     label_names: list[str]  # id -> name; empty for causal-lm
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "train": self.train.summary(),
-            "eval": [e.summary() for e in self.evals],
-            "label_names": self.label_names,
-        }
+        evals = []
+        for e in self.evals:
+            item = e.summary()
+            if e.label_subset is not None:
+                item["labels"] = [self.label_names[i] for i in e.label_subset]
+            evals.append(item)
+        return {"train": self.train.summary(), "eval": evals, "label_names": self.label_names}
 
 
 def prepare_data(data: DataConfig, task: str) -> PreparedData:
@@ -363,11 +366,48 @@ def prepare_data(data: DataConfig, task: str) -> PreparedData:
     evals = [
         scan_source(source, task=task, label_to_id=label_to_id, on_bad_rows=data.on_bad_rows) for source in data.eval
     ]
+    for source, scanned in zip(data.eval, evals):
+        if source.labels is not None and task == "sequence-classification":
+            restrict_to_labels(scanned, source.labels, label_names, on_bad_rows=data.on_bad_rows)
     names = [e.name for e in evals]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(f"data.eval: two eval sets are named {duplicates[0]!r}; give each a distinct data.eval[].name")
     return PreparedData(train=train, evals=evals, label_names=label_names)
+
+
+def restrict_to_labels(
+    scanned: ScannedSource, labels: Sequence[str], label_names: Sequence[str], *, on_bad_rows: str
+) -> None:
+    """Make an eval set score over ``labels`` only (its ``label_subset``: their ids, in id order).
+
+    Raises:
+        DataError: a name is not in ``label_names``, or (``on_bad_rows: error``) a row's label is outside
+            ``labels``; with 'skip' such rows are dropped and counted.
+    """
+    unknown = [n for n in labels if n not in label_names]
+    if unknown:
+        raise DataError(
+            f"{scanned.path}: eval labels {unknown} are not in the label set {list(label_names)}; the eval set's "
+            "labels must be some of the model's labels"
+        )
+    subset = sorted(list(label_names).index(n) for n in labels)
+    inside = np.isin(scanned.labels, subset)
+    if not inside.all():
+        outside = sorted({label_names[i] for i in np.unique(scanned.labels[~inside])})
+        message = (
+            f"{scanned.path}: {int((~inside).sum())} rows have labels {outside} outside this eval set's labels "
+            f"{list(labels)}"
+        )
+        if on_bad_rows == "error":
+            raise DataError(message + " (add them to labels, or set data.on_bad_rows: skip to drop such rows)")
+        scanned.offsets, scanned.labels = scanned.offsets[inside], scanned.labels[inside]
+        scanned.bad_rows += int((~inside).sum())
+        if len(scanned.bad_examples) < _MAX_BAD_EXAMPLES:
+            scanned.bad_examples.append(message)
+        if not len(scanned.offsets):
+            raise DataError(f"{scanned.path}: no usable rows ({message})")
+    scanned.label_subset = subset
 
 
 # --------------------------------------------------------------------------------------------------

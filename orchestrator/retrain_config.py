@@ -178,6 +178,12 @@ class RetrainConfig(_Section):
         description="Regularisation beyond replay: L2 pull toward the champion's weights (sets "
         "regularization.l2_to_start of each round); 0: off.",
     )
+    new_labels: Literal["grow", "refuse"] = Field(
+        "grow",
+        description="New data with labels the champion does not know (e.g. AG News after SST-2): 'grow' adds them "
+        "after the champion's labels and grows its classifier (old rows kept, each eval set then scored over its "
+        "own labels); 'refuse' fails the round, naming both label sets.",
+    )
     schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="`orchestrator schedule`.")
 
     @field_validator("overrides")

@@ -12,6 +12,7 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,28 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def restrict_logits(logits: torch.Tensor, label_ids: Sequence[int] | None) -> torch.Tensor:
+    """Logits with every label outside ``label_ids`` set to -inf, so argmax and softmax see only an eval set's
+    own labels (task-incremental evaluation); unchanged when ``label_ids`` is None."""
+    if label_ids is None:
+        return logits
+    mask = torch.full((logits.size(-1),), float("-inf"), dtype=logits.dtype, device=logits.device)
+    mask[list(label_ids)] = 0.0
+    return logits + mask
+
+
+def confusion_metrics(confusion: torch.Tensor, label_ids: Sequence[int] | None = None) -> dict[str, float]:
+    """Accuracy and macro-F1 from a confusion matrix (rows: truth, columns: prediction); macro-F1 averages
+    over ``label_ids`` (default: every label)."""
+    correct = confusion.diag().sum()
+    precision = confusion.diag() / confusion.sum(0).clamp(min=1e-12)
+    recall = confusion.diag() / confusion.sum(1).clamp(min=1e-12)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    if label_ids is not None:
+        f1 = f1[list(label_ids)]
+    return {"accuracy": (correct / confusion.sum().clamp(min=1)).item(), "f1_macro": f1.mean().item()}
+
+
 @torch.no_grad()
 def evaluate(
     engine: Any,
@@ -194,8 +217,12 @@ def evaluate(
     rank: int,
     world_size: int,
     device: torch.device,
+    label_ids: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Loss and accuracy/macro-F1 (classification) or perplexity (causal LM) over a whole eval set."""
+    """Loss and accuracy/macro-F1 (classification) or perplexity (causal LM) over a whole eval set.
+
+    With ``label_ids`` (the eval set's own labels, see ``data.eval[].labels``) loss, predictions and macro-F1
+    are over those labels only: the logits of the others are masked out."""
     engine.eval()
     n = len(reader.scanned)
     loss_sum = torch.zeros(1, dtype=torch.float64)
@@ -217,7 +244,7 @@ def evaluate(
             loss_sum += (token_loss.double().cpu() * mask).sum()
             count += mask.sum()
         else:
-            logits = outputs.logits.float()
+            logits = restrict_logits(outputs.logits.float(), label_ids)
             per_row = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none").double().cpu()
             loss_sum += (per_row * w).sum()
             count += w.sum()
@@ -232,13 +259,7 @@ def evaluate(
     if task == "causal-lm":
         metrics["perplexity"] = math.exp(min(loss, 50.0))
         return metrics
-    confusion = totals[2:].view(num_labels, num_labels)
-    correct = confusion.diag().sum()
-    metrics["accuracy"] = (correct / confusion.sum().clamp(min=1)).item()
-    precision = confusion.diag() / confusion.sum(0).clamp(min=1e-12)
-    recall = confusion.diag() / confusion.sum(1).clamp(min=1e-12)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    metrics["f1_macro"] = f1.mean().item()
+    metrics.update(confusion_metrics(totals[2:].view(num_labels, num_labels), label_ids))
     return metrics
 
 
@@ -294,6 +315,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         task=config.model.task,
         label_names=data.label_names,
         trust_remote_code=config.model.trust_remote_code,
+        grow_head=config.model.grow_head,
     )
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -423,6 +445,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 rank=rank,
                 world_size=world_size,
                 device=device,
+                label_ids=reader.scanned.label_subset,
             )
             metrics.update({f"{reader.scanned.name}/{k}": v for k, v in values.items()})
         return metrics

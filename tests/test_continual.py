@@ -20,12 +20,15 @@ from orchestrator.continual import (
     compute_forgetting,
     detect_new_data,
     gate_decision,
+    label_groups,
     loaded_from_round,
     run_round,
     sample_replay,
     scan_watch,
     split_holdout,
+    task_labels,
     trained_hashes,
+    union_label_names,
 )
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.launcher import TrainResult
@@ -317,7 +320,7 @@ def test_replay_sample_and_holdout_are_the_same_when_a_round_is_replayed(tmp_pat
     assert one_run(tmp_path / "a") == one_run(tmp_path / "b")
 
 
-def test_a_new_file_with_another_label_space_is_refused_with_both_label_sets(tmp_path):
+def test_new_labels_in_the_first_round_are_refused_with_both_label_sets(tmp_path):
     loaded = retrain_from_dict(_retrain_dict(tmp_path, model=str(_base_model(tmp_path))))
     reg = Registry(tmp_path / "runs" / "registry.sqlite")
     _shard(tmp_path / "incoming", "news.tsv", 12, labels=("World", "Sports", "Business"))
@@ -325,7 +328,7 @@ def test_a_new_file_with_another_label_space_is_refused_with_both_label_sets(tmp
         run_round(loaded, registry=reg, train=FakeTrainer([{"*": 0.9}]))
     message = str(info.value)
     assert "news.tsv" in message and "['Business', 'Sports', 'World']" in message
-    assert "['negative', 'positive']" in message and "one label space" in message
+    assert "['negative', 'positive']" in message and "no champion" in message  # no head to grow yet
     assert reg.rounds("sent")[-1].status == "failed"  # recorded, and not blocking the next round
 
 
@@ -339,6 +342,221 @@ def test_l2_to_the_champion_is_switched_on_from_round_two(tmp_path):
     _shard(tmp_path / "incoming", "b.tsv", 20, start=50)
     run_round(loaded, registry=reg, train=trainer)
     assert [j.regularization.l2_to_start for j in trainer.jobs] == [0.0, 0.01]  # round 1 has no champion
+
+
+# --------------------------------------------------------------------------------------------------
+# A growing label space: union labels, an expanded head, evaluation per task
+# --------------------------------------------------------------------------------------------------
+
+
+def test_union_labels_keep_old_ids_and_add_new_ones_in_a_stable_order():
+    news = ["World", "Sports", "World", "Business", "Sci/Tech"]
+    union = union_label_names(["negative", "positive"], news)
+    assert union == ["negative", "positive", "Business", "Sci/Tech", "Sports", "World"]
+    assert union_label_names(["negative", "positive"], reversed(news)) == union  # row order does not matter
+    assert union_label_names(union, ["positive", "World"]) == union  # nothing new: unchanged
+    assert union_label_names(["0", "1"], ["10", "2", "1"]) == ["0", "1", "2", "10"]  # numbers numerically
+
+    groups = label_groups([["negative", "positive"], ["negative", "positive"], union, None])
+    assert groups == [["negative", "positive"], ["Business", "Sci/Tech", "Sports", "World"]]
+    assert task_labels({"positive"}, groups) == ["negative", "positive"]  # one class present: its whole task
+    assert task_labels({"World", "Sports"}, groups) == ["Business", "Sci/Tech", "Sports", "World"]
+    assert task_labels({"negative", "World"}, groups) is None  # both tasks: every label
+    assert task_labels({"positive"}, groups[:1]) is None  # one task: every label, as before
+    assert task_labels({"neutral"}, [["negative", "positive"], ["neutral"]]) is None  # a 1-label task: all
+
+
+def _classifier(tiny_model: Path, labels: list[str], destination: Path) -> Path:
+    from orchestrator.models import load_model, load_tokenizer
+
+    model = load_model(str(tiny_model), task="sequence-classification", label_names=labels)
+    model.save_pretrained(destination)
+    load_tokenizer(str(tiny_model)).save_pretrained(destination)
+    return destination
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_grow_classifier_keeps_the_old_labels_and_adds_fresh_rows(arch, tiny_models, tmp_path):
+    import torch
+
+    from orchestrator.errors import ModelError
+    from orchestrator.models import classifier_output_layer, load_model, load_tokenizer
+
+    old, new = ["negative", "positive"], ["negative", "positive", "Business", "Sci/Tech", "Sports", "World"]
+    champion = _classifier(tiny_models[arch], old, tmp_path / "champion")
+    tokenizer = load_tokenizer(str(champion))
+    batch = dict(tokenizer(["a fine film", "stocks fell on monday"], padding=True, return_tensors="pt"))
+    if arch != "bert":
+        batch.pop("token_type_ids", None)
+    before = load_model(str(champion), task="sequence-classification", label_names=old).eval()
+    torch.manual_seed(0)
+    grown = load_model(str(champion), task="sequence-classification", label_names=new, grow_head=True).eval()
+
+    _, _, head_before = classifier_output_layer(before)
+    _, head_name, head = classifier_output_layer(grown)
+    assert (head.out_features, head_before.out_features) == (6, 2)
+    assert torch.equal(head.weight[:2], head_before.weight)  # old rows bit for bit
+    if head.bias is not None:
+        assert torch.equal(head.bias[:2], head_before.bias) and torch.equal(head.bias[2:], torch.zeros(4))
+    std = grown.config.initializer_range
+    assert 0.2 * std < head.weight[2:].std().item() < 5 * std  # new rows: a fresh head's init, not copies
+    kept = {k: v for k, v in before.state_dict().items() if head_name not in k}
+    assert all(torch.equal(v, grown.state_dict()[k]) for k, v in kept.items())  # the rest loaded as is
+    with torch.no_grad():
+        old_logits, new_logits = before(**batch).logits, grown(**batch).logits
+    # Same inputs to the head, same rows: equal up to the matmul's rounding for a wider output (~1e-9).
+    assert torch.allclose(new_logits[:, :2], old_logits, rtol=0, atol=1e-6)
+    assert grown(**batch, labels=torch.tensor([0, 5])).loss.item() > 0  # the head trains on the union
+
+    grown.save_pretrained(tmp_path / "exported")  # what export writes: the union label map
+    saved = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert [saved["id2label"][str(i)] for i in range(6)] == new and saved["label2id"]["World"] == 5
+    with pytest.raises(ModelError, match=r"trained on labels \['negative', 'positive'\].*do not start"):
+        load_model(str(champion), task="sequence-classification", label_names=["positive", "x"], grow_head=True)
+
+
+class _FixedLogits:
+    """Stands in for the DeepSpeed engine in evaluate: returns queued logits for the rows of each batch."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def eval(self) -> None: ...
+
+    def train(self) -> None: ...
+
+    def __call__(self, rows, labels):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits[rows])
+
+
+def test_evaluation_is_over_the_eval_sets_own_labels(tmp_path):
+    import torch
+
+    from orchestrator.train_loop import confusion_metrics, evaluate, restrict_logits
+
+    # 6 labels: negative, positive (SST-2), then four news labels. Truths are SST-2 labels only.
+    logits = torch.tensor(
+        [
+            [2.0, 1.0, 0.0, 5.0, 0.0, 0.0],  # truth 0: news label 3 wins overall; negative among {0, 1}
+            [0.0, 1.0, 9.0, 0.0, 0.0, 0.0],  # truth 1: right among {0, 1}
+            [3.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # truth 1: wrong either way
+            [0.0, 2.0, 0.0, 0.0, 0.0, 7.0],  # truth 1: right among {0, 1}
+        ]
+    )
+    truths = [0, 1, 1, 1]
+    masked = restrict_logits(logits, [0, 1])
+    assert masked.argmax(-1).tolist() == [0, 1, 0, 1] and logits.argmax(-1).tolist() == [3, 2, 0, 5]
+    assert torch.equal(restrict_logits(logits, None), logits)
+
+    class Reader:  # the rows are their own indices; the collator passes them on
+        scanned = list(range(4))
+
+        def get(self, i):
+            return i, None, truths[i]
+
+    def collate(rows):
+        return {"rows": torch.tensor([r[0] for r in rows]), "labels": torch.tensor([r[2] for r in rows])}
+
+    common = dict(task="sequence-classification", num_labels=6, batch_size=3, rank=0, world_size=1)
+    engine = _FixedLogits(logits)
+    sst2 = evaluate(engine, Reader(), collate, **common, device=torch.device("cpu"), label_ids=[0, 1])
+    everything = evaluate(engine, Reader(), collate, **common, device=torch.device("cpu"))
+    assert sst2["accuracy"] == pytest.approx(0.75) and everything["accuracy"] == 0.0
+    # macro-F1 over {negative, positive}: F1 2/3 (P 1/2, R 1) and 4/5 (P 1, R 2/3)
+    assert sst2["f1_macro"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    expected_loss = torch.nn.functional.cross_entropy(logits[:, :2], torch.tensor(truths)).item()
+    assert sst2["loss"] == pytest.approx(expected_loss)  # the loss of the 2-way task
+    confusion = torch.zeros(6, 6)
+    confusion[0, 0] = confusion[1, 1] = 2
+    assert confusion_metrics(confusion) == {"accuracy": 1.0, "f1_macro": pytest.approx(2 / 6)}  # absent labels
+    assert confusion_metrics(confusion, [0, 1]) == {"accuracy": 1.0, "f1_macro": 1.0}
+
+
+def test_an_eval_set_restricted_to_labels_is_checked_and_recorded(tmp_path):
+    from orchestrator.config import DataConfig
+    from orchestrator.data import prepare_data
+
+    train = _shard(tmp_path, "train.tsv", 12, labels=("negative", "positive", "World", "Sports"))
+    sst = _shard(tmp_path, "sst.tsv", 6, labels=("0", "1"))  # ids of the first two labels
+    data = {
+        "train": {"path": str(train), "text_column": "sentence"},
+        "eval": [{"path": str(sst), "text_column": "sentence", "name": "sst", "labels": ["positive", "negative"]}],
+        "label_names": ["negative", "positive", "Sports", "World"],
+    }
+    prepared = prepare_data(DataConfig.model_validate(data), "sequence-classification")
+    assert prepared.evals[0].label_subset == [0, 1]  # in id order
+    assert prepared.summary()["eval"][0]["labels"] == ["negative", "positive"]
+
+    data["eval"][0]["labels"] = ["Sports", "World"]
+    with pytest.raises(DataError, match=r"6 rows have labels \['negative', 'positive'\] outside"):
+        prepare_data(DataConfig.model_validate(data), "sequence-classification")
+    data["eval"][0]["labels"] = ["negative", "neutral"]
+    with pytest.raises(DataError, match=r"\['neutral'\] are not in the label set"):
+        prepare_data(DataConfig.model_validate(data), "sequence-classification")
+
+
+def test_a_round_with_new_labels_grows_the_head_and_scores_each_eval_set_over_its_labels(tmp_path):
+    loaded = retrain_from_dict(_retrain_dict(tmp_path, model=str(_base_model(tmp_path))))
+    reg = Registry(tmp_path / "runs" / "registry.sqlite")
+    trainer = FakeTrainer([{"*": 0.9}, {"*": 0.9}, {"*": 0.9}])
+    _shard(tmp_path / "incoming", "sst.tsv", 40)  # ids 0/1 of negative/positive
+    first = run_round(loaded, registry=reg, train=trainer)
+    assert first.candidate.data["continual"]["labels_added"] == []
+    assert trainer.jobs[0].model.grow_head is False and all(e.labels is None for e in trainer.jobs[0].data.eval)
+
+    _shard(tmp_path / "incoming", "news.tsv", 30, start=100, labels=("World", "Sports", "Business", "Sci/Tech"))
+    second = run_round(loaded, registry=reg, train=trainer)
+    job = trainer.jobs[1]
+    union = ["negative", "positive", "Business", "Sci/Tech", "Sports", "World"]
+    assert second.status == "succeeded" and job.model.grow_head and job.model.path == first.candidate.artifact
+    assert job.data.label_names == union
+    news = ["Business", "Sci/Tech", "Sports", "World"]
+    assert {e.name: e.labels for e in job.data.eval} == {
+        "fixed": ["negative", "positive"],
+        "sst": ["negative", "positive"],
+        "news": news,
+    }
+    v2 = second.candidate
+    assert v2.data["label_names"] == union and v2.data["continual"]["labels_added"] == news
+    assert {e["name"]: e["labels"] for e in v2.data["eval"]} == {e.name: e.labels for e in job.data.eval}
+    assert set(second.scores) == {"fixed", "sst", "news"} and set(second.forgetting) == {"fixed", "sst"}
+    train_labels = [json.loads(line)["label"] for line in Path(job.data.train.path).read_text().splitlines()]
+    assert set(train_labels) == {"negative", "positive", *news}  # replayed SST rows keep their labels
+    summary = json.loads((second.run_dir / "round.json").read_text())
+    assert summary["labels_added"] == news and summary["label_names"] == union
+
+    # A later round on the same union: no growth, and every eval set keeps its task (a new news shard too).
+    _shard(tmp_path / "incoming", "news2.tsv", 30, start=500, labels=("Sports", "World"))
+    run_round(loaded, registry=reg, train=trainer)
+    job = trainer.jobs[2]
+    assert job.model.grow_head is False and job.data.label_names == union
+    assert {e.name: e.labels for e in job.data.eval} == {
+        "fixed": ["negative", "positive"],
+        "sst": ["negative", "positive"],
+        "news": news,
+        "news2": news,
+    }
+
+
+def test_new_labels_are_refused_where_the_head_cannot_grow(tmp_path):
+    spec = _retrain_dict(tmp_path, model=str(_base_model(tmp_path)), new_labels="refuse")
+    loaded = retrain_from_dict(spec)
+    reg = Registry(tmp_path / "runs" / "registry.sqlite")
+    _shard(tmp_path / "incoming", "sst.tsv", 20)
+    run_round(loaded, registry=reg, train=FakeTrainer([{"*": 0.9}]))
+    _shard(tmp_path / "incoming", "news.tsv", 12, labels=("World", "Sports"))
+    with pytest.raises(DataError) as info:
+        run_round(loaded, registry=reg, train=FakeTrainer([{"*": 0.9}]))
+    message = str(info.value)
+    assert "news.tsv" in message and "['Sports', 'World']" in message and "['negative', 'positive']" in message
+    assert "new_labels: refuse" in message
+
+    (tmp_path / "incoming" / "news.tsv").unlink()
+    _shard(tmp_path / "incoming", "ids.tsv", 12, labels=("0", "1", "2"))  # is 2 a new label or a typo?
+    with pytest.raises(DataError, match=r"include ids \['2'\] beyond the model's label set \['negative', 'posi"):
+        run_round(retrain_from_dict({**spec, "new_labels": "grow"}), registry=reg, train=FakeTrainer([{"*": 0.9}]))
 
 
 def test_a_second_local_round_of_the_same_model_is_refused_while_one_runs(tmp_path):

@@ -1,9 +1,11 @@
 """Continual retraining end to end: two rounds submitted by the scheduler through the real Ray Jobs API (a
 head started with `ray start --head`, token auth on), each a 2-worker DeepSpeed job on a tiny BERT and real
-SST-2 shards; plus the registration of a plain training run."""
+SST-2 shards; a local round whose new data (AG News after SST-2) grows the label space; plus the registration
+of a plain training run."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -96,6 +98,61 @@ def test_two_rounds_through_the_ray_jobs_api(ray_head, tiny_models, shared_data,
 
     files = write_report(registry, "cl", tmp_path / "report")
     assert files.png is not None and files.matrix.eval_sets == ["sst2", "shard1", "shard2"]
+
+
+def _agnews_shard(shared_data: Path, path: Path, rows: int) -> Path:
+    """AG News rows (no header, label names) written as the SST-2 shards are (sentence<TAB>label, a header)."""
+    lines = (shared_data / "agnews" / "train.tsv").read_text(encoding="utf-8").splitlines()[:rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(["sentence\tlabel", *lines]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_round_with_a_new_label_space_grows_the_head(ray_cluster, tiny_models, shared_data, tmp_path):
+    """SST-2 (negative/positive), then AG News: the second round trains a head over the union of the labels,
+    and the SST-2 eval sets are still scored, over their own two labels."""
+    from orchestrator.continual import run_round
+
+    job = tiny_job("tasks", tiny_models["bert"], shared_data, tmp_path / "runs", max_steps=4)
+    job["training"].update(eval_every_steps=None, checkpoint_every_steps=None)
+    job["data"]["label_names"] = ["negative", "positive"]  # the SST-2 files hold their ids 0/1
+    incoming = tmp_path / "incoming"
+    spec = {
+        "job": job,
+        "watch": {"dir": str(incoming), "settle_s": 0},
+        "replay": {"fraction": 0.5, "seed": 1},
+        "eval": {"holdout_fraction": 0.2},
+        "gate": {"min_new": 0.0, "max_forgetting": 1.0, "floor": 0.0},  # a tiny random model: let it pass
+    }
+    loaded = retrain_from_dict(spec)
+    registry = Registry(tmp_path / "runs" / "registry.sqlite")
+
+    _sst2_shard(shared_data, incoming / "shard1.tsv", 0, 160)
+    first = run_round(loaded, registry=registry)
+    assert first.status == "succeeded" and first.decision == "promote", first.reason
+    _agnews_shard(shared_data, incoming / "news.tsv", 160)
+    second = run_round(loaded, registry=registry)
+    assert second.status == "succeeded", second.reason
+
+    news = ["Business", "Sci/Tech", "Sports", "World"]
+    union = ["negative", "positive", *news]
+    v2 = registry.get(second.candidate.id)
+    assert v2.parent_id == first.candidate.id and v2.data["label_names"] == union
+    assert v2.data["continual"]["labels_added"] == news
+    assert {e["name"]: e.get("labels") for e in v2.data["eval"]} == {
+        "sst2": ["negative", "positive"],
+        "shard1": ["negative", "positive"],
+        "news": news,
+    }
+    for eval_set in ("sst2", "shard1", "news"):  # the old eval sets are still scored
+        assert 0.0 <= v2.eval_metrics[eval_set]["accuracy"] <= 1.0
+    assert set(v2.metrics["forgetting"]) == {"sst2", "shard1"}
+    config = json.loads(Path(v2.artifact, "config.json").read_text())
+    assert config["id2label"] == {str(i): n for i, n in enumerate(union)} and config["label2id"]["World"] == 5
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(v2.artifact, "model.safetensors"))
+    assert weights["classifier.weight"].shape[0] == 6 and weights["classifier.bias"].shape == (6,)
 
 
 def test_a_plain_training_run_registers_its_model(ray_cluster, tiny_models, shared_data, tmp_path):
