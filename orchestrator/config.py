@@ -278,6 +278,12 @@ class DistillSection(_Section):
         "over the workers with ZeRO-3 (gathered layer by layer in its forward); auto: replicated unless the "
         "teacher's weights take over 40% of one GPU's memory (always replicated on CPU).",
     )
+    eval_teacher: bool = Field(
+        True,
+        description="Also score the teacher at every eval (sequence-classification): <set>/teacher_accuracy, "
+        "<set>/agreement (share of rows where student and teacher predict the same label) and the forward-pass "
+        "samples/s of each, side by side. Costs one teacher forward per eval batch.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillSection:
@@ -560,6 +566,18 @@ class JobConfig(_Section):
     tune: TuneSection | None = Field(
         None, description="Hyperparameter sweep settings; used by `orchestrator sweep` (ignored by train)."
     )
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_is_one_folder(cls, value: Any) -> Any:
+        # Before the pattern check, so the message says why rather than quoting a regex.
+        if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError(
+                "must be one plain folder name, as it names the folder <output.dir>/<name> ('/', '\\' or a leading "
+                "'.' could write outside output.dir); use letters, digits, '_', '.' and '-', starting with a letter "
+                "or digit, e.g. sst2-lora"
+            )
+        return value
 
     @field_validator("method")
     @classmethod

@@ -142,7 +142,14 @@ def _set_seed(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG states as tensors and plain Python values, so ``torch.load(weights_only=True)`` reads
+    them back (no pickled numpy arrays: a checkpoint file must never run code when loaded)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, float or None): plain types already
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -150,8 +157,10 @@ def _rng_state() -> dict[str, Any]:
 
 def _restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -228,11 +237,21 @@ def evaluate(
     loss_sum = torch.zeros(1, dtype=torch.float64)
     count = torch.zeros(1, dtype=torch.float64)
     confusion = torch.zeros(max(num_labels, 1), max(num_labels, 1), dtype=torch.float64)
+    # Distillation: the teacher scored on the same batches, side by side (accuracy, agreement, forward speed).
+    module = getattr(engine, "module", engine)  # the DeepSpeed engine's model
+    teacher_fn = getattr(module, "teacher_logits", None) if task != "causal-lm" else None
+    teacher_confusion = torch.zeros_like(confusion)
+    agree = torch.zeros(1, dtype=torch.float64)
+    forward_s = {"student": 0.0, "teacher": 0.0}
+    rows_here = 0
     started = time.perf_counter()
     for indices, weights in eval_batch_indices(n, rank=rank, world_size=world_size, batch_size=batch_size):
         batch = collator([reader.get(int(i)) for i in indices])
         batch = {k: v.to(device) for k, v in batch.items()}
+        tick = time.perf_counter()
         outputs = engine(**batch)
+        forward_s["student"] += time.perf_counter() - tick
+        rows_here += len(indices)
         w = torch.from_numpy(weights).double()
         if task == "causal-lm":
             logits = outputs.logits[:, :-1].float()
@@ -251,8 +270,20 @@ def evaluate(
             predictions = logits.argmax(-1).cpu()
             for truth, pred, weight in zip(batch["labels"].cpu().tolist(), predictions.tolist(), weights.tolist()):
                 confusion[truth, pred] += weight
+            if teacher_fn is not None:
+                tick = time.perf_counter()
+                teacher_out = teacher_fn(**batch)
+                forward_s["teacher"] += time.perf_counter() - tick
+                if teacher_out is None:
+                    teacher_fn = None
+                    continue
+                teacher_pred = restrict_logits(teacher_out.float(), label_ids).argmax(-1).cpu()
+                agree += ((teacher_pred == predictions).double() * w).sum()
+                for truth, pred, weight in zip(batch["labels"].cpu().tolist(), teacher_pred.tolist(), weights.tolist()):
+                    teacher_confusion[truth, pred] += weight
     elapsed = time.perf_counter() - started
     totals = _all_reduce_sum(torch.cat([loss_sum, count, confusion.flatten()]))
+    teacher_totals = _all_reduce_sum(torch.cat([agree, teacher_confusion.flatten()])) if teacher_fn else None
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     engine.train()
     metrics = {"loss": loss, "samples_per_s": n / max(elapsed, 1e-9)}
@@ -260,6 +291,13 @@ def evaluate(
         metrics["perplexity"] = math.exp(min(loss, 50.0))
         return metrics
     metrics.update(confusion_metrics(totals[2:].view(num_labels, num_labels), label_ids))
+    if teacher_totals is not None:
+        teacher_metrics = confusion_metrics(teacher_totals[1:].view(num_labels, num_labels), label_ids)
+        metrics["teacher_accuracy"] = teacher_metrics["accuracy"]
+        metrics["agreement"] = (teacher_totals[0] / totals[1].clamp(min=1)).item()
+        # Forward passes only (no tokenisation), this worker's share of the set: the inference speed of each.
+        metrics["forward_samples_per_s"] = rows_here / max(forward_s["student"], 1e-9)
+        metrics["teacher_forward_samples_per_s"] = rows_here / max(forward_s["teacher"], 1e-9)
     return metrics
 
 
@@ -291,11 +329,13 @@ def build_unfreezing(model: torch.nn.Module, config: JobConfig, budget: StepBudg
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Entry point run by every Ray Train worker (see ``orchestrator.launcher``)."""
+    setup = {"worker_entry": time.time()}  # where start-up time goes, logged with the start record
     import deepspeed
     import ray.train
     import ray.train.torch
 
     _quiet_libraries()
+    setup["imports_done"] = time.time()
     memory_at_start = _memory_mb(torch.device("cpu"))["memory/peak_rss_mb"]  # before the model exists
     config = JobConfig.model_validate(payload["config"])
     data: PreparedData = payload["data"]
@@ -323,6 +363,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     model = method.prepare_model(model, config, MethodContext(model_path=payload["model_path"], device=device,
                                                               precision=precision, world_size=world_size))
 
+    setup["model_ready"] = time.time()
     checkpoint = ray.train.get_checkpoint()
     # A PBT sweep trial may continue another trial's model and optimizer moments with its own hyperparameters.
     inherited = checkpoint is None and bool(payload.get("init_checkpoint"))
@@ -356,6 +397,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
+    setup["engine_ready"] = time.time()
     # Optional L2 pull toward the starting weights (continual retraining); taken before any checkpoint load.
     anchor = WeightAnchor.capture(engine.module, config.regularization.l2_to_start)
 
@@ -371,7 +413,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             state = TrainState(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
             rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
             if rng_file.exists():
-                _restore_rng(torch.load(rng_file, weights_only=False))  # our own file, written below
+                _restore_rng(torch.load(rng_file, weights_only=True))  # tensors and plain values only
         if inherited:
             for group, settings in zip(optimizer.param_groups, own_settings):
                 group.update(settings)  # this trial's lr, weight decay and betas, not the donor's
@@ -424,6 +466,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 "params_trainable": trainable,
                 "memory/rss_before_model_mb": memory_at_start,
                 **resharded,
+                "torch_threads": torch.get_num_threads(),
+                **{f"setup/{k}": v for k, v in setup.items()},
                 "data": data.summary(),
             },
         )

@@ -350,3 +350,39 @@ def test_lora_student_trains_only_adapters_and_head_and_exports_a_merged_model(t
     with torch.no_grad():
         assert torch.allclose(merged(**batch).logits, module.student(**batch).logits, atol=1e-5)
     assert json.loads((destination / LINEAGE_FILE).read_text())["student_lora"] == {"r": 4, "alpha": 8.0}
+
+
+def test_eval_scores_the_teacher_side_by_side(teachers, tmp_path) -> None:
+    """evaluate() on a distillation module: student metrics plus the teacher's accuracy, the agreement between
+    them and each one's forward speed; off with distill.eval_teacher: false."""
+    from orchestrator.train_loop import evaluate
+
+    module, _ = _prepare(teachers["bert4"], tmp_path, keep_every=2)
+    batch = _batch(teachers["bert4"])
+    rows = batch["input_ids"].shape[0]
+
+    class Reader:
+        scanned = list(range(rows))
+
+        def get(self, i):
+            return i, None, int(batch["labels"][i])
+
+    def collate(items):
+        index = torch.tensor([r[0] for r in items])
+        return {k: v[index] for k, v in batch.items()}
+
+    common = dict(task="sequence-classification", num_labels=2, batch_size=2, rank=0, world_size=1,
+                  device=torch.device("cpu"))
+    metrics = evaluate(module, Reader(), collate, **common)
+    module.eval()
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        student = module.student(**inputs).logits.argmax(-1)
+        teacher = module.teacher(**inputs).logits.argmax(-1)
+    assert metrics["accuracy"] == pytest.approx((student == batch["labels"]).float().mean().item())
+    assert metrics["teacher_accuracy"] == pytest.approx((teacher == batch["labels"]).float().mean().item())
+    assert metrics["agreement"] == pytest.approx((student == teacher).float().mean().item())
+    assert metrics["forward_samples_per_s"] > 0 and metrics["teacher_forward_samples_per_s"] > 0
+
+    quiet, _ = _prepare(teachers["bert4"], tmp_path, keep_every=2, eval_teacher=False)
+    assert "teacher_accuracy" not in evaluate(quiet, Reader(), collate, **common)

@@ -55,6 +55,9 @@ def test_distill_two_block_student_under_zero(stage, placement, ray_cluster, tea
             assert math.isfinite(record[key]) and record[key] >= 0, (key, record)
     assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
     assert 0.0 <= result.metrics["sst2/accuracy"] <= 1.0
+    # The teacher is scored on the same eval batches (sharded: gathered in step on every rank), side by side.
+    assert 0.0 <= result.metrics["sst2/teacher_accuracy"] <= 1.0 and 0.0 <= result.metrics["sst2/agreement"] <= 1.0
+    assert result.metrics["sst2/teacher_forward_samples_per_s"] > 0
     # Same first step whatever the ZeRO stage and wherever the teacher lives (sharded: gathered in forward).
     first = {k: v for k, v in train[0].items() if k.startswith("train/loss")}
     for other, values in _FIRST_STEP.items():

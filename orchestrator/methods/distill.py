@@ -124,6 +124,15 @@ class DistillationModule(nn.Module):
         if settings.hidden_weight > 0 and not self.layer_pairs:
             raise ValueError("distill.hidden_weight > 0 needs layer pairs (distill.layer_map)")
 
+    def teacher_logits(self, **batch: torch.Tensor) -> torch.Tensor | None:
+        """The frozen teacher's logits for an eval batch (None when ``distill.eval_teacher`` is off). Every rank
+        runs the same number of eval batches, so a ZeRO-3 sharded teacher gathers in step on all of them."""
+        if not self.settings.eval_teacher:
+            return None
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            return self.teacher(**_only(self._teacher_keys, inputs), return_dict=True).logits
+
     @property
     def uses_teacher(self) -> bool:
         return self.settings.kd_weight > 0 or self.settings.hidden_weight > 0
