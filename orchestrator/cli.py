@@ -155,7 +155,11 @@ def validate(
                 config = load_retrain(path, overrides).job
             else:
                 config = load_config(path, overrides)
-            if check_data:
+            if check_data and config.tune is not None:  # a sweep: its search space and metric are checked too
+                from orchestrator.sweep import plan_sweep
+
+                plan_sweep(config, resume=True, source=str(path))
+            elif check_data:
                 preflight(config, resume=True, source=str(path))
         except ConfigError as exc:
             failed += 1

@@ -198,9 +198,9 @@ def scan_source(
     if not path.exists():
         raise DataError(f"{source.path}: data file not found (check data.*.path; relative paths are from {Path.cwd()})")
     if not path.is_file():
-        raise DataError(f"{source.path}: not a file")
+        raise DataError(f"{source.path}: not a file (point data.*.path at a data file, not a folder)")
     if path.stat().st_size == 0:
-        raise DataError(f"{source.path}: the file is empty")
+        raise DataError(f"{source.path}: the file is empty (point data.*.path at a file with rows, or fill it)")
     fmt = detect_format(source)
     header = True if source.header is None else source.header
     columns = _read_columns(path, fmt, header)

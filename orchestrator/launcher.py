@@ -6,6 +6,7 @@ and reports all failures together; only then is Ray started and are workers rese
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from orchestrator.errors import ConfigError, ConfigIssue, DataError, ModelError,
 from orchestrator.methods import get_method
 from orchestrator.models import resolve_model_path
 from orchestrator.tracking import read_metrics
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +52,13 @@ def preflight(config: JobConfig, *, resume: bool = False, source: str | None = N
         ConfigError: listing every problem (missing model, bad data rows, unwritable output, ...).
     """
     issues: list[ConfigIssue] = []
+    if config.model.trust_remote_code:
+        logger.warning(
+            "model.trust_remote_code is ON: Python code shipped with %s%s will run here and in every worker; "
+            "set it only for a model source you trust",
+            config.model.path,
+            f" and {config.distill.teacher}" if config.distill is not None else "",
+        )
     model_path = ""
     try:
         model_path = resolve_model_path(config.model.path)
@@ -123,12 +133,12 @@ def check_cluster_fits(config: JobConfig) -> bool:
     need_cpu = s.num_workers * s.cpus_per_worker
     if need_cpu > total.get("CPU", 0.0):
         problems.append(
-            f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPU = {need_cpu:g} CPUs, but the cluster has "
+            f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPU = {need_cpu:g} CPUs, but the cluster has "
             f"{total.get('CPU', 0):g}; lower scaling.num_workers or scaling.cpus_per_worker"
         )
     if use_gpu and s.num_workers * s.gpus_per_worker > gpus:
         problems.append(
-            f"scaling: {s.num_workers} workers x {s.gpus_per_worker} GPU, but the cluster has {gpus:g} GPUs; "
+            f"scaling: {s.num_workers} workers x {s.gpus_per_worker:g} GPU, but the cluster has {gpus:g} GPUs; "
             "lower scaling.num_workers or set scaling.use_gpu: false"
         )
     for name, amount in s.resources_per_worker.items():

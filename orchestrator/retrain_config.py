@@ -138,15 +138,23 @@ class ScheduleSection(_Section):
     pip: list[str] = Field(default_factory=list, description="Extra pip requirements of round jobs.")
     entrypoint_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved for a round's job driver.")
 
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        # A field check (not the section's), so the error points at the cron line with the cron field's help.
+        from croniter import croniter
+
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(
+                "not a valid cron expression; give five fields: minute (0-59) hour (0-23) day-of-month (1-31) "
+                "month (1-12) day-of-week (0-6), e.g. '0 3 * * *' for 03:00 daily"
+            )
+        return value
+
     @model_validator(mode="after")
     def _trigger_settings(self) -> ScheduleSection:
-        if self.trigger == "cron":
-            if not self.cron:
-                raise ValueError("trigger: cron needs schedule.cron, e.g. '0 3 * * *'")
-            from croniter import croniter
-
-            if not croniter.is_valid(self.cron):
-                raise ValueError(f"schedule.cron {self.cron!r} is not a valid cron expression (e.g. '0 3 * * *')")
+        if self.trigger == "cron" and not self.cron:
+            raise ValueError("trigger: cron needs schedule.cron, e.g. '0 3 * * *'")
         if self.trigger == "interval" and self.interval_s is None:
             raise ValueError("trigger: interval needs schedule.interval_s")
         return self

@@ -82,7 +82,14 @@ class LoraMethod:
                 model = auto.from_config(hf_config)
             check_targets(model, target_modules_for(hf_config.model_type, config.lora or LoraSection()))
         except ModelError as exc:
-            return [ConfigIssue(location="lora.target_modules", message=str(exc).split(": ", 1)[-1])]
+            return [
+                ConfigIssue(
+                    location="lora.target_modules",
+                    message=str(exc).split(": ", 1)[-1],
+                    hint="set lora.target_modules to linear layers of this model (a module name or its last part, "
+                    "as PEFT matches them)",
+                )
+            ]
         return []
 
     def prepare_model(self, model: torch.nn.Module, config: JobConfig, context: MethodContext) -> torch.nn.Module:

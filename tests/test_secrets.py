@@ -1,0 +1,183 @@
+"""Secrets in the environment never reach what a run writes or prints (issue 7).
+
+One real tiny training (2 Ray workers, ZeRO-2, W&B offline) runs with planted values in every secret variable
+the project knows of (``orchestrator.tracking.SECRET_ENV_VARS``), then every byte the run left behind is
+searched for them: metrics, saved job configs, checkpoints, the exported model, the W&B offline run (its binary
+``.wandb`` log included), the model registry, the Ray session's logs, and the printed output of ``orchestrator
+train`` and ``orchestrator registry``.
+
+The run happens in a child process with a Ray instance of its own (``address="local"``, its own temp dir), so
+the planted ``RAY_AUTH_TOKEN`` is the token of that instance alone: it cannot break the authentication of a
+cluster that is already running (the session's ``ray_cluster``, or a head started by ``ray start``), and the
+default token file ``~/.ray/auth_token`` is not touched.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from orchestrator.tracking import SECRET_ENV_VARS
+from tests.conftest import REPO, tiny_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
+# The child: a Ray instance of its own, then the user's commands. Worker output reaches its stderr (log_to_driver).
+DRIVER = r"""
+import os
+import sys
+
+import ray
+
+from orchestrator.cli import app
+from orchestrator.registry import Registry
+
+job, ray_dir, registry, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+
+
+def cli(*args):
+    try:
+        app(list(args), prog_name="orchestrator")
+    except SystemExit as exc:
+        if exc.code:
+            raise
+
+
+ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=ray_dir)
+try:
+
+    @ray.remote(num_cpus=0)
+    def environment_of_a_worker():
+        return {name: os.environ.get(name) for name in names}
+
+    seen = ray.get(environment_of_a_worker.remote())
+    missing = [name for name in names if seen[name] != os.environ[name]]
+    print("planted values missing in the workers:", missing or "none")
+    cli("train", job)
+finally:
+    ray.shutdown()
+cli("registry", "list", "--registry", registry)
+for model in Registry(registry).models(None, None):
+    cli("registry", "show", model.id, "--registry", registry)
+    cli("registry", "show", model.id, "--registry", registry, "--json")
+"""
+
+
+def _stop_processes_of(temp_dir: str) -> None:
+    """Stop what is left of the child's Ray instance (command lines name its temp dir); nothing else."""
+    ours = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                ours.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in ours:
+        proc.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=15)
+    for proc in alive:
+        proc.kill()
+
+
+def _files_holding(root: Path, planted: dict[str, bytes]) -> dict[str, list[str]]:
+    """For each file under root (binary files read as bytes), the names of the planted values it holds."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        try:
+            content = path.read_bytes()
+        except OSError:
+            continue  # a socket or a file removed while we walk
+        hits = [name for name, value in planted.items() if value in content]
+        if hits:
+            found[str(path)] = hits
+    return found
+
+
+@pytest.fixture
+def planted() -> dict[str, str]:
+    """A fresh random value per secret variable: whatever holds one of them got it from the environment."""
+    return {name: secrets.token_hex(20) for name in SECRET_ENV_VARS}  # 40 hex characters, W&B key length
+
+
+def test_planted_secrets_appear_in_no_file_log_or_output_of_a_run(tiny_models, shared_data, tmp_path, planted):
+    assert {"WANDB_API_KEY", "RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY"} <= set(planted)
+    default_token = Path.home() / ".ray" / "auth_token"
+    token_file_before = default_token.stat().st_mtime_ns if default_token.exists() else None
+
+    runs = tmp_path / "runs"
+    job = tiny_job("secrets", tiny_models["bert"], shared_data, runs, stage=2, max_steps=4, checkpoint_every_steps=2)
+    job["tracking"]["wandb"]["mode"] = "offline"  # explicitly: 'auto' would go online with a WANDB_API_KEY set
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    registry = runs / "registry.sqlite"  # output.registry: auto
+
+    home = tmp_path / "home"  # W&B's own folders (settings, cache, artifacts) inside the test's temp dir too
+    env = {
+        **os.environ,
+        **planted,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb-dir"),
+        "WANDB_CONFIG_DIR": str(home / "wandb-config"),
+        "WANDB_CACHE_DIR": str(home / "wandb-cache"),
+        "WANDB_DATA_DIR": str(home / "wandb-data"),
+        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+        "PYTHONPATH": str(REPO),
+    }
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    ray_dir = tempfile.mkdtemp(prefix="ors-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(job_file), ray_dir, str(registry), ",".join(planted)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=900,
+        )
+        output = run.stdout + run.stderr
+        assert run.returncode == 0, output.decode(errors="replace")[-6000:]
+        assert b"planted values missing in the workers: none" in output  # the workers had them to leak
+
+        # Printed: the train progress, the result table, the registry listing and records, Ray's worker logs.
+        printed = [name for name, value in planted.items() if value.encode() in output]
+        assert printed == [], f"printed by orchestrator train/registry: {printed}"
+
+        # Written: everything under the test's temp dir (run dir, registry, W&B folders) and the Ray session.
+        leaks = {**_files_holding(tmp_path, {n: v.encode() for n, v in planted.items()})}
+        leaks.update(_files_holding(Path(ray_dir), {n: v.encode() for n, v in planted.items()}))
+        assert leaks == {}, f"planted secrets found in: {leaks}"
+    finally:
+        _stop_processes_of(ray_dir)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+    # The search covered what a run writes (it would pass trivially if the run wrote elsewhere).
+    run_dir = runs / "secrets"
+    written = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert "metrics.jsonl" in written
+    assert {"final/orchestrator_job.yaml", "final/model.safetensors", "best/orchestrator_job.yaml"} <= written
+    assert any(p.startswith("ray/") and "/checkpoint_" in p and p.endswith(".pt") for p in written)
+    assert any(p.startswith("wandb/offline-run-") and p.endswith(".wandb") for p in written)
+    assert registry.is_file()
+
+    # Exports are safetensors (no pickled weights), and the per-rank RNG files load without unpickling code.
+    assert not [p for p in written if p.startswith(("final/", "best/")) and p.endswith((".bin", ".pt", ".pkl"))]
+    rng_files = sorted(run_dir.glob("ray/*/checkpoint_*/rng_rank*.pt"))
+    assert len(rng_files) >= 2
+    for rng_file in rng_files:
+        state = torch.load(rng_file, weights_only=True)
+        assert set(state) >= {"torch", "python", "numpy"}
+
+    token_file_after = default_token.stat().st_mtime_ns if default_token.exists() else None
+    assert token_file_after == token_file_before, "the default Ray token file was rewritten"
