@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +82,105 @@ def test_a_two_worker_checkpoint_resumes_on_one_worker(
     assert all(math.isfinite(float(p.detach().abs().sum())) for p in exported.parameters())
     final = _checkpoints(tmp_path / name, name)
     assert json.loads((final[6] / "train_state.json").read_text())["world_size"] == 1
+
+
+def _registered_checkpoint_step(storage: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered (its checkpoint manager snapshot)."""
+    snapshot = storage / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return latest["metrics"].get("step") if latest else None
+
+
+class WorkerKiller(threading.Thread):
+    """Waits until Ray Train has registered a checkpoint and training has gone on past it, then SIGKILLs one
+    live training worker process of this test's Ray cluster (found through Ray's state API, not by process
+    name: other Ray clusters may run on the same machine)."""
+
+    def __init__(self, run_dir: Path, name: str, *, steps_past_checkpoint: int = 2, timeout_s: float = 600):
+        import ray
+
+        super().__init__(daemon=True)
+        self.ray_address = ray.get_runtime_context().gcs_address  # this test's cluster
+        self.run_dir, self.storage = run_dir, run_dir / "ray" / name
+        self.steps_past, self.timeout_s = steps_past_checkpoint, timeout_s
+        self.killed_pid: int | None = None
+        self.checkpoint_step: int | None = None
+        self.at_step: int | None = None
+
+    def run(self) -> None:
+        from ray.util.state import list_actors
+
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and self.killed_pid is None:
+            registered = _registered_checkpoint_step(self.storage)
+            steps = [r["step"] for r in read_metrics(self.run_dir) if r["kind"] == "train"]
+            if registered is not None and steps and steps[-1] >= registered + self.steps_past:
+                workers = list_actors(
+                    address=self.ray_address,
+                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                )
+                if workers:
+                    self.checkpoint_step, self.at_step = registered, steps[-1]
+                    self.killed_pid = workers[0].pid
+                    os.kill(self.killed_pid, signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+
+@pytest.mark.ci
+def test_a_sigkilled_worker_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run(
+    ray_cluster, tiny_models, shared_data, tmp_path
+):
+    def job(name: str) -> dict:
+        # 30 steps (2.5 epochs of 12 batches per worker), a checkpoint and an eval every 10; dropout on.
+        spec = tiny_job(
+            name,
+            tiny_models["bert"],
+            shared_data,
+            tmp_path,
+            stage=2,
+            max_steps=30,
+            eval_every_steps=10,
+            checkpoint_every_steps=10,
+        )
+        spec["scaling"]["max_failures"] = 1
+        return spec
+
+    started = time.monotonic()
+    reference = run_training(config_from_dict(job("uninterrupted")))
+    reference_s = time.monotonic() - started
+
+    killer = WorkerKiller(tmp_path / "killed", "killed")
+    killer.start()
+    started = time.monotonic()
+    result = run_training(config_from_dict(job("killed")))
+    killed_s = time.monotonic() - started
+    killer.join(timeout=5)
+    assert killer.killed_pid is not None, "the run ended before a worker could be killed"
+    assert killer.checkpoint_step in (10, 20)
+
+    starts = [r for r in read_metrics(result.run_dir) if r["kind"] == "start"]
+    assert len(starts) == 2
+    # Restarted from the latest registered checkpoint (or the next one, if it was registered as the kill landed).
+    assert starts[1]["resumed_from_step"] in (killer.checkpoint_step, killer.checkpoint_step + 10)
+    assert starts[1]["resumed_from_step"] < killer.at_step + 10
+    assert result.metrics["step"] == reference.metrics["step"] == 30
+
+    # Exact resume (weights, Adam moments, LR schedule, data position, every rank's RNG incl. dropout): the
+    # restarted run computes what the uninterrupted one did, bit for bit on CPU (fixed thread count, gloo sums
+    # of two ranks in a fixed order), so the comparison is equality, not a tolerance.
+    for key in ("sst2/loss", "sst2/accuracy", "sst2/f1_macro"):
+        assert result.metrics[key] == reference.metrics[key], key
+
+    def last_train_losses(run_dir: Path) -> dict[int, float]:
+        return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}  # last wins
+
+    assert last_train_losses(result.run_dir) == last_train_losses(reference.run_dir)
+    print(
+        f"\nSIGKILL pid {killer.killed_pid} at step {killer.at_step} (checkpoint {killer.checkpoint_step}); "
+        f"uninterrupted {reference_s:.0f} s, killed+restarted {killed_s:.0f} s; final sst2/loss "
+        f"{reference.metrics['sst2/loss']!r} vs {result.metrics['sst2/loss']!r}"
+    )
