@@ -525,7 +525,12 @@ class OutputSection(_Section):
         description="Where Ray Train keeps checkpoints (a shared path or a URI such as s3://...). Default: "
         "<dir>/<name>/ray.",
     )
-    keep_checkpoints: int = Field(2, gt=0, description="Resumable checkpoints kept (latest N).")
+    keep_checkpoints: int = Field(2, gt=0, description="Resumable checkpoints kept (see keep_checkpoints_by).")
+    keep_checkpoints_by: Literal["latest", "best"] = Field(
+        "latest",
+        description="Which checkpoints are kept: the latest N, or the N best by training.metric (every checkpoint "
+        "then needs an eval). The latest checkpoint is always kept too: a resume continues from it.",
+    )
     save_best: bool = Field(True, description="Export the best-eval model as an HF folder (<run>/best).")
     save_final: bool = Field(True, description="Export the final model as an HF folder (<run>/final).")
     registry: str | None = Field(
@@ -633,6 +638,22 @@ class JobConfig(_Section):
         return problems
 
     @model_validator(mode="after")
+    def _best_checkpoints_have_scores(self) -> JobConfig:
+        if self.output.keep_checkpoints_by != "best":
+            return self
+        t = self.training
+        if not self.data.eval:
+            raise ValueError("output.keep_checkpoints_by: best ranks checkpoints by an eval metric; add data.eval")
+        if t.checkpoint_every_steps is not None and (
+            t.eval_every_steps is None or t.checkpoint_every_steps % t.eval_every_steps
+        ):
+            raise ValueError(
+                "output.keep_checkpoints_by: best scores every checkpoint by an eval at its step; set "
+                "training.checkpoint_every_steps to a multiple of training.eval_every_steps"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _regularization_fits(self) -> JobConfig:
         if self.regularization.l2_to_start > 0 and self.deepspeed.stage == 3:
             raise ValueError(
@@ -677,12 +698,23 @@ def _looks_like_local_path(value: str) -> bool:
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _interpolate_env(value: Any, missing: list[str]) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in strings, recursively."""
+# A config is saved with every model, checkpoint, registry entry and W&B run: a secret must never be copied
+# into one. Variables whose names look like credentials are refused in ${...}; the product reads the ones it
+# needs (WANDB_API_KEY, RAY_AUTH_TOKEN, cloud credentials) from the environment itself.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def _interpolate_env(value: Any, missing: list[str], secrets: list[str] | None = None) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in strings, recursively (secret-like names are collected in
+    ``secrets`` and left unexpanded)."""
     if isinstance(value, str):
 
         def repl(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
+            if _SECRET_NAME.search(name):
+                if secrets is not None:
+                    secrets.append(name)
+                return match.group(0)
             if name in os.environ:
                 return os.environ[name]
             if default is not None:
@@ -692,9 +724,9 @@ def _interpolate_env(value: Any, missing: list[str]) -> Any:
 
         return _ENV_PATTERN.sub(repl, value)
     if isinstance(value, dict):
-        return {k: _interpolate_env(v, missing) for k, v in value.items()}
+        return {k: _interpolate_env(v, missing, secrets) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate_env(v, missing) for v in value]
+        return [_interpolate_env(v, missing, secrets) for v in value]
     return value
 
 
@@ -867,12 +899,23 @@ def config_from_dict(
         )
     merged = apply_overrides(dict(data), overrides)
     missing_env: list[str] = []
-    merged = _interpolate_env(merged, missing_env)
+    secret_env: list[str] = []
+    merged = _interpolate_env(merged, missing_env, secret_env)
     issues = [
         ConfigIssue(
             location="(env)", message=f"environment variable {name} is not set", hint="export it or use ${VAR:-default}"
         )
         for name in sorted(set(missing_env))
+    ]
+    issues += [
+        ConfigIssue(
+            location="(env)",
+            message=f"${{{name}}} looks like a secret; a config is saved with the model, checkpoints, the registry "
+            "and W&B, so secrets are never interpolated into it",
+            hint=f"remove it: keep {name} in the environment (or the Ray runtime env); the orchestrator and W&B read "
+            "their credentials from there",
+        )
+        for name in sorted(set(secret_env))
     ]
     try:
         config = JobConfig.model_validate(merged)

@@ -413,7 +413,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             state = TrainState(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
             rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
             if rng_file.exists():
-                _restore_rng(torch.load(rng_file, weights_only=True))  # tensors and plain values only
+                try:
+                    rng = torch.load(rng_file, weights_only=True)  # tensors and plain values only
+                except Exception as exc:  # written by an older version (numpy arrays): never unpickled
+                    logger.warning("not restoring RNG state from %s (%s); continuing with fresh RNG", rng_file, exc)
+                else:
+                    _restore_rng(rng)
         if inherited:
             for group, settings in zip(optimizer.param_groups, own_settings):
                 group.update(settings)  # this trial's lr, weight decay and betas, not the donor's

@@ -374,3 +374,19 @@ def test_a_yaml_list_at_top_level_is_an_error(tmp_path: Path) -> None:
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_secret_like_environment_variables_are_never_interpolated(monkeypatch, tmp_path):
+    """A config is saved with the model, checkpoints, registry and W&B: ${WANDB_API_KEY} and the like are refused."""
+    from orchestrator.config import config_from_dict
+    from orchestrator.errors import ConfigError
+
+    monkeypatch.setenv("WANDB_API_KEY", "planted-secret-value")
+    monkeypatch.setenv("MY_DB_PASSWORD", "planted-secret-value")
+    job = {"name": "x", "model": {"path": "minilm"}, "data": {"train": {"path": "${MY_DB_PASSWORD}/t.tsv"}},
+           "tracking": {"wandb": {"project": "p-${WANDB_API_KEY}"}}, "output": {"dir": str(tmp_path)}}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(job)
+    text = str(caught.value)
+    assert "${WANDB_API_KEY} looks like a secret" in text and "${MY_DB_PASSWORD} looks like a secret" in text
+    assert "planted-secret-value" not in text
