@@ -67,10 +67,21 @@ def run_job(job: dict[str, Any], *, warmup: int = 5) -> dict[str, Any]:
     from orchestrator.launcher import run_training
     from orchestrator.tracking import read_metrics
 
-    start_ray()
     config = config_from_dict(job)
-    launched = time.time()
-    result = run_training(config)
+    for attempt in range(3):  # this machine is shared: another session's `ray stop` can take the cluster down
+        start_ray()
+        launched = time.time()
+        try:
+            result = run_training(config)
+            break
+        except Exception as exc:
+            if attempt == 2:
+                raise
+            import ray
+
+            print(f"retrying {job['name']} after: {str(exc)[:200]}", flush=True)
+            ray.shutdown()
+            config = config_from_dict({**job, "name": f"{job['name']}-retry{attempt + 1}"})
     wall = time.time() - launched
     records = read_metrics(result.run_dir)
     start = next(r for r in records if r["kind"] == "start")

@@ -1,0 +1,82 @@
+"""The GPU path, correct by construction on CPU machines (GPUs faked where only the decision is tested), and
+for real behind the `gpu` marker (skipped without a CUDA GPU): bf16, NCCL, `use_gpu: auto`, fused AdamW."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from orchestrator.config import config_from_dict
+from orchestrator.engine import build_deepspeed_config, build_optimizer, resolve_precision
+from tests.conftest import tiny_job
+
+
+def test_auto_precision_is_bf16_on_gpus_that_have_it_else_fp16(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", "cuda") == "fp16"
+    assert resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_bf16_deepspeed_config_has_bf16_on_and_fp16_off(tiny_models, tmp_path) -> None:
+    config = config_from_dict(tiny_job("gpu-cfg", tiny_models["bert"], tmp_path, tmp_path, stage=2))
+    ds = build_deepspeed_config(config, world_size=8, precision="bf16")
+    assert ds["bf16"]["enabled"] is True and not ds.get("fp16", {}).get("enabled", False)
+    assert ds["train_batch_size"] == 8 * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+
+
+def test_fused_adamw_is_asked_for_on_cuda_only(tiny_models, tmp_path, monkeypatch) -> None:
+    config = config_from_dict(tiny_job("gpu-opt", tiny_models["bert"], tmp_path, tmp_path))
+    seen = {}
+
+    class Recorder(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            seen.update(kwargs)
+            kwargs["fused"] = False  # the decision is what is tested; CPU tensors here
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorder)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    build_optimizer(groups, config, device_type="cuda")
+    assert seen["fused"] is True
+    build_optimizer(groups, config, device_type="cpu")
+    assert seen["fused"] is False
+
+
+@pytest.mark.parametrize(("cluster_gpus", "setting", "expected"), [(8, "auto", True), (0, "auto", False),
+                                                                   (8, False, False)])
+def test_use_gpu_auto_follows_the_cluster_and_picks_nccl(cluster_gpus, setting, expected, tiny_models,
+                                                         shared_data, tmp_path, monkeypatch) -> None:
+    import ray
+
+    from orchestrator.launcher import build_trainer, check_cluster_fits, preflight
+
+    job = tiny_job("gpu-auto", tiny_models["bert"], shared_data, tmp_path)
+    job["scaling"]["use_gpu"] = setting
+    config = config_from_dict(job)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": float(cluster_gpus)})
+    use_gpu = check_cluster_fits(config)
+    assert use_gpu is expected
+    trainer = build_trainer(preflight(config), use_gpu=use_gpu)
+    assert trainer.scaling_config.use_gpu is expected
+    assert trainer.backend_config.backend == ("nccl" if expected else "gloo")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_bf16_zero2_training_on_the_gpu(ray_cluster, tiny_models, shared_data, tmp_path) -> None:
+    from orchestrator.launcher import run_training
+    from orchestrator.tracking import read_metrics
+
+    job = tiny_job("gpu-bf16", tiny_models["bert"], shared_data, tmp_path, stage=2)
+    job["scaling"].update(num_workers=1, use_gpu="auto")
+    result = run_training(config_from_dict(job))
+    records = read_metrics(result.run_dir)
+    start = next(r for r in records if r["kind"] == "start")
+    assert start["precision"] == "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    train = [r for r in records if r["kind"] == "train"]
+    assert all(math.isfinite(r["train/loss"]) for r in train)
+    assert train[-1]["memory/peak_cuda_allocated_mb"] > 0
