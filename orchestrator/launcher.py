@@ -174,7 +174,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.train_loop import train_loop_per_worker
+    from orchestrator.train_loop import best_metric_name, train_loop_per_worker
 
     config = checked.config
     s = config.scaling
@@ -193,7 +193,18 @@ def build_trainer(
         "fault_at_step": int(os.environ["ORCHESTRATOR_FAULT_AT_STEP"])
         if os.environ.get("ORCHESTRATOR_FAULT_AT_STEP")
         else None,
+        # Where it fails: "after_checkpoint" (default), or "checkpoint_upload": rank 0 dies after copying part of
+        # its checkpoint files to storage, as a node lost while writing a checkpoint would.
+        "fault_point": os.environ.get("ORCHESTRATOR_FAULT_POINT", "after_checkpoint"),
     }
+    checkpoint_config = CheckpointConfig(num_to_keep=config.output.keep_checkpoints)
+    if config.output.keep_checkpoints_by == "best":
+        # Ray Train keeps the N best by this metric (every checkpoint is reported with an eval, see the config
+        # check) and always the latest one, which is what a resume continues from.
+        metric, mode = best_metric_name(config, checked.data)
+        checkpoint_config = CheckpointConfig(
+            num_to_keep=config.output.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+        )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
@@ -208,7 +219,7 @@ def build_trainer(
             name=run_name or config.name,
             storage_path=str(checked.storage_path),
             failure_config=FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.output.keep_checkpoints),
+            checkpoint_config=checkpoint_config,
             callbacks=callbacks,
         ),
     )

@@ -327,6 +327,27 @@ def build_unfreezing(model: torch.nn.Module, config: JobConfig, budget: StepBudg
     return Unfreezing(groups=groups, schedule=schedule, stop=BackwardStop(model, groups, schedule))
 
 
+def _upload_part_then_fail(checkpoint: Any, checkpoint_dir_name: str) -> Any:
+    """Fault injection (``ORCHESTRATOR_FAULT_POINT=checkpoint_upload``), used as Ray Train's checkpoint upload
+    function on rank 0: copy half of this rank's checkpoint files into the run's storage, then fail, like a
+    worker lost while writing a checkpoint. Ray Train registers a checkpoint only once every rank has reported
+    it, so a resume must never pick this partial folder."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+    files = sorted(p for p in Path(checkpoint.path).rglob("*") if p.is_file())
+    written = files[: len(files) // 2]
+    for path in written:
+        target = f"{destination}/{path.relative_to(checkpoint.path).as_posix()}"
+        storage.storage_filesystem.create_dir(target.rsplit("/", 1)[0])
+        with storage.storage_filesystem.open_output_stream(target) as out:
+            out.write(path.read_bytes())
+    raise RuntimeError(
+        f"injected fault while uploading checkpoint {checkpoint_dir_name} ({len(written)} of {len(files)} files)"
+    )
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Entry point run by every Ray Train worker (see ``orchestrator.launcher``)."""
     setup = {"worker_entry": time.time()}  # where start-up time goes, logged with the start record
@@ -501,13 +522,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         """Every rank writes its DeepSpeed shards to a local folder and hands it to Ray Train, which
-        merges all ranks' files into one checkpoint folder in storage and keeps the latest N."""
+        merges all ranks' files into one checkpoint folder in storage. Ray registers the folder only once every
+        rank has reported (a crash mid-write leaves an unregistered folder that no resume picks) and then keeps
+        the latest or best N (output.keep_checkpoints_by) plus, always, the latest."""
         with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=True)
             torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
             if rank == 0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(state)))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            upload = _upload_part_then_fail if rank == 0 and fault_due("checkpoint_upload") else None
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload)
 
     def export(name: str, metrics: dict[str, Any]) -> None:
         export_hf_folder(
@@ -522,6 +546,15 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         )
 
     fault_at_step = payload.get("fault_at_step")
+    fault_point = payload.get("fault_point", "after_checkpoint")
+
+    def fault_due(point: str) -> bool:
+        """Fault injection for drills and tests: fail once, at the first checkpoint at or past the step (never
+        again after resuming from a checkpoint)."""
+        return (
+            fault_point == point and fault_at_step is not None and state.step >= fault_at_step and checkpoint is None
+        )
+
     stop_signal = payload.get("stop_signal")  # sweeps: an actor whose is_set() turns true when Tune stops the trial
     engine.train()
     window_loss, window_batches, window_samples = 0.0, 0, 0
@@ -611,8 +644,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                     if stop_signal is not None:  # a sweep trial (a PBT trial may have been stopped before)
                         tracker.summary({"sweep/status": "completed", "sweep/steps": state.step})
                 save_checkpoint(metrics)
-                if fault_at_step is not None and state.step >= fault_at_step and checkpoint is None:
-                    # Fault injection for drills and tests: fail once, after this checkpoint.
+                if fault_due("after_checkpoint"):
                     raise RuntimeError(f"injected fault after the checkpoint at step {state.step}")
             elif do_eval:
                 ray.train.report(metrics)

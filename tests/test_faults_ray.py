@@ -184,3 +184,67 @@ def test_a_sigkilled_worker_restarts_from_the_checkpoint_and_ends_like_an_uninte
         f"uninterrupted {reference_s:.0f} s, killed+restarted {killed_s:.0f} s; final sst2/loss "
         f"{reference.metrics['sst2/loss']!r} vs {result.metrics['sst2/loss']!r}"
     )
+
+
+@pytest.mark.parametrize("keep_by", ["latest", "best"])
+def test_checkpoint_retention_keeps_the_latest_or_the_best_n(keep_by, ray_cluster, tiny_models, shared_data, tmp_path):
+    name = f"keep-{keep_by}"
+    # A checkpoint and an eval at each of 6 steps, 2 kept. "best" is ranked by the *largest* eval loss here: the
+    # loss falls over these steps, so the kept set then differs from the latest two and the ranking shows.
+    job = tiny_job(
+        name,
+        tiny_models["bert"],
+        shared_data,
+        tmp_path,
+        stage=2,
+        checkpoint_every_steps=1,
+        eval_every_steps=1,
+        metric="sst2/loss",
+        metric_mode="max",
+    )
+    job["output"].update(keep_checkpoints=2, keep_checkpoints_by=keep_by)
+    result = run_training(config_from_dict(job))
+
+    storage = tmp_path / name / "ray" / name
+    kept = _checkpoints(tmp_path / name, name)
+    assert len([f for f in storage.glob("checkpoint_*") if f.is_dir()]) == len(kept)  # nothing else left behind
+    losses = {r["step"]: r["sst2/loss"] for r in read_metrics(result.run_dir) if r["kind"] == "eval"}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    if keep_by == "latest":
+        assert sorted(kept) == [5, 6]
+    else:
+        best_two = sorted(losses, key=lambda step: -losses[step])[:2]
+        assert sorted(kept) == sorted({*best_two, 6})  # the N best, and the latest (what a resume continues from)
+        assert set(best_two) != {5, 6}
+    assert _registered_checkpoint_step(storage) == 6
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_from(
+    ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch
+):
+    name = "torn"
+    job = tiny_job(name, tiny_models["bert"], shared_data, tmp_path, stage=2, checkpoint_every_steps=2)
+    config = config_from_dict(job)
+    # Rank 0 copies half of its files of the step-4 checkpoint to storage, then dies inside ray.train.report.
+    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "4")
+    monkeypatch.setenv("ORCHESTRATOR_FAULT_POINT", "checkpoint_upload")
+    with pytest.raises(Exception, match="injected fault while uploading checkpoint"):
+        run_training(config)
+    monkeypatch.delenv("ORCHESTRATOR_FAULT_AT_STEP")
+    monkeypatch.delenv("ORCHESTRATOR_FAULT_POINT")
+
+    storage = tmp_path / name / "ray" / name
+    folders = sorted(f for f in storage.glob("checkpoint_*") if f.is_dir())
+    complete = _checkpoints(tmp_path / name, name)
+    torn = [f for f in folders if not (f / "train_state.json").exists()]
+    assert list(complete) == [2] and len(torn) == 1 and len(folders) == 2
+    assert any(torn[0].rglob("*optim_states.pt"))  # a real, partly written checkpoint folder is there...
+    assert _registered_checkpoint_step(storage) == 2  # ...but Ray Train never registered it
+
+    result = run_training(config, resume=True)
+    records = read_metrics(result.run_dir)
+    assert [r["resumed_from_step"] for r in records if r["kind"] == "start"] == [None, 2]
+    assert result.metrics["step"] == 6
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(result.final_model)
