@@ -475,6 +475,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     state.total_steps = budget.total_steps
 
     metric_name, metric_mode = best_metric_name(config, data)
+    # Which Ray node each rank runs on, in the start record (placement checks, multi-node debugging).
+    worker_nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    if dist.is_available() and dist.is_initialized():
+        worker_nodes = [None] * world_size
+        dist.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
     tracker = Tracker(config, run_dir, enabled=rank == 0)
     if rank == 0:
         # ZeRO-3 leaves each parameter empty on the module; ds_numel is its full size.
@@ -487,6 +492,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 "total_steps": budget.total_steps,
                 "resumed_from_step": state.step if checkpoint is not None else None,
                 "world_size": world_size,
+                "worker_nodes": worker_nodes,
                 "precision": precision,
                 "params_total": total,
                 "params_trainable": trainable,

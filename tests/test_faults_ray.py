@@ -6,17 +6,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.config import config_from_dict
 from orchestrator.launcher import run_training
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
+from tests.test_job_submit import RAY, _free_ports, _job_dir, _stop_head, _user_env
 
 pytestmark = pytest.mark.slow
 
@@ -248,3 +253,131 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_fr
     from transformers import AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(result.final_model)
+
+
+def _ray_start(args: list[str], env: dict[str, str]) -> None:
+    started = subprocess.run(
+        [RAY, "start", *args, "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+
+
+def _nodes(gcs: str, env: dict[str, str]) -> list[dict]:
+    listed = subprocess.run(
+        [RAY, "list", "nodes", "--address", gcs, "--format", "json"], env=env, capture_output=True, text=True
+    )
+    return json.loads(listed.stdout) if listed.returncode == 0 and listed.stdout.strip() else []
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A head (1 CPU, resource node_a) and a second node (1 CPU, node_b) on this machine: two raylets, each with
+    its own ports and temp dir, token auth on. Only their processes are stopped afterwards."""
+    head_dir = tempfile.mkdtemp(prefix="orh-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    node_dir = tempfile.mkdtemp(prefix="orn-", dir="/tmp")
+    env = _user_env(RAY_AUTH_MODE="token")
+    gcs, dashboard, client, *head_ports = _free_ports(9)
+    node_ports = _free_ports(6)
+
+    def node_args(ports: list[int], temp_dir: str) -> list[str]:
+        manager, objects, metrics, agent, agent_grpc, runtime_env = ports
+        return [
+            "--node-ip-address",
+            "127.0.0.1",
+            "--node-manager-port",
+            str(manager),
+            "--object-manager-port",
+            str(objects),
+            "--metrics-export-port",
+            str(metrics),
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--dashboard-agent-grpc-port",
+            str(agent_grpc),
+            "--runtime-env-agent-port",
+            str(runtime_env),
+            "--temp-dir",
+            temp_dir,
+            "--num-cpus",
+            "1",
+        ]
+
+    try:
+        _ray_start(
+            [
+                "--head",
+                "--port",
+                str(gcs),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dashboard),
+                "--ray-client-server-port",
+                str(client),
+                "--resources",
+                '{"node_a": 1}',
+                *node_args(head_ports, head_dir),
+            ],
+            env,
+        )
+        _ray_start(
+            ["--address", f"127.0.0.1:{gcs}", "--resources", '{"node_b": 1}', *node_args(node_ports, node_dir)], env
+        )
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # both nodes alive and the Jobs API up
+            alive = [n for n in _nodes(f"127.0.0.1:{gcs}", env) if n["state"] == "ALIVE"]
+            jobs_up = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True)
+            if len(alive) == 2 and jobs_up.returncode == 0:
+                break
+            time.sleep(2)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env}
+    finally:
+        _stop_head(node_dir)
+        _stop_head(head_dir)
+        shutil.rmtree(node_dir, ignore_errors=True)
+        shutil.rmtree(head_dir, ignore_errors=True)
+
+
+def test_a_job_submitted_to_a_two_node_cluster_spreads_its_workers(
+    two_node_cluster, tiny_models, shared_data, tmp_path
+):
+    work, config_file = _job_dir(tiny_models, shared_data, tmp_path)
+    job = yaml.safe_load(config_file.read_text())
+    job["name"] = "two-nodes"
+    job["scaling"].update(placement_strategy="SPREAD", cpus_per_worker=1)
+    job["output"]["storage_path"] = str(tmp_path / "shared-storage")  # one filesystem that both nodes see
+    config_file.write_text(yaml.safe_dump(job))
+    env = two_node_cluster["env"]
+    submitted = subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            two_node_cluster["address"],
+            "--working-dir",
+            str(work),
+            "--",
+            "python",
+            "jobs/train.py",
+            "configs/tiny.yaml",
+        ],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output[-4000:]
+
+    run_dir = tmp_path / "runs" / "two-nodes"
+    start = [r for r in read_metrics(run_dir) if r["kind"] == "start"][0]
+    assert start["world_size"] == 2
+    rank_nodes = start["worker_nodes"]
+    assert len(set(rank_nodes)) == 2, rank_nodes  # the two ranks ran on different Ray nodes
+    resources = {n["node_id"]: n["resources_total"] for n in _nodes(two_node_cluster["gcs"], env)}
+    assert {name for node in rank_nodes for name in resources[node] if name.startswith("node_")} == {"node_a", "node_b"}
+    assert any((tmp_path / "shared-storage" / "two-nodes").glob("checkpoint_*/train_state.json"))
+    assert (run_dir / "final" / "model.safetensors").is_file()
