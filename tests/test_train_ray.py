@@ -108,7 +108,7 @@ def test_causal_lm_trains_and_reports_perplexity(arch, stage, ray_cluster, tiny_
     assert model.config.num_hidden_layers == 2
 
 
-@pytest.mark.ci
+# Not in CI: the SIGKILL restart and the resume-on-one-worker tests (tests/test_faults_ray.py, both `ci`) cover resume.
 def test_resume_continues_from_the_latest_checkpoint(ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch):
     job = tiny_job("resume", tiny_models["bert"], shared_data, tmp_path, stage=2, checkpoint_every_steps=2)
     config = config_from_dict(job)
