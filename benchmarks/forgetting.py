@@ -2,7 +2,7 @@
 
 Three rounds per arm, each a real `orchestrator retrain` round (new files found by hash in a watched folder,
 warm start from the champion, replay, eval on every set seen so far, gate):
-  round 1: 1,600 SST-2 sentences; round 2: the next 1,600 SST-2 sentences; round 3: 1,600 AG News headlines
+  round 1: 800 SST-2 sentences; round 2: the next 800 SST-2 sentences; round 3: 800 AG News headlines
   (a new label space: the head grows from 2 to 6 labels, old rows kept; every eval set is scored over its own
   labels). Eval sets: 600 sentences of sst2/test.tsv (the base job's), plus a 10% holdout of each round's new file.
 Arms: replay 0.3 of all earlier rows vs no replay. 1 worker, ZeRO stage 0, lr 5e-5, 1 epoch per round.
@@ -93,7 +93,7 @@ def matrix(rounds: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-round", type=int, default=1600)
+    parser.add_argument("--per-round", type=int, default=800)
     parser.add_argument("--replay", type=float, default=0.3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

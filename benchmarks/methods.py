@@ -30,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--speed-only", action="store_true", help="no eval: step time and memory only (short runs)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     results = {}
@@ -37,7 +38,7 @@ def main() -> None:
         for name in args.variants:
             options = dict(VARIANTS[name])
             job = sst2_job(f"bench-{name}-{int(time.time())}", Path(tmp), limit=32 * args.steps, steps=args.steps,
-                           **options)
+                           evaluate=not args.speed_only, **options)
             results[name] = run_job(job)
             print(name, results[name])
     full = results.get("full")
@@ -46,8 +47,11 @@ def main() -> None:
         if full is not None:
             res["step_time_vs_full"] = res["step_s"] / full["step_s"]
             res["peak_rss_vs_full"] = res["peak_rss_mb"] / full["peak_rss_mb"]
-    write_result(args.out, {"steps": args.steps, "variants": results,
-                            "command": "python benchmarks/methods.py --out benchmarks/results/methods.json"})
+    command = "python benchmarks/methods.py --out benchmarks/results/methods.json"
+    if args.speed_only:
+        command = (f"python benchmarks/methods.py --speed-only --steps {args.steps} "
+                   "--out benchmarks/results/methods_speed.json")
+    write_result(args.out, {"steps": args.steps, "variants": results, "command": command})
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ def rows() -> list[tuple[str, str, str]]:
             parts.append(f"{name}: step {res.get('step_time_vs_full', 1):.2f}x, peak RSS {res['peak_rss_mb']:.0f} MB, "
                          f"trainable {_pct(res['trainable_fraction'])}, acc {acc:.4f}")
         out.append((f"LoRA vs full, frozen layers ({r['steps']} steps)", "; ".join(parts), r["command"]))
+    if r := _load("methods_speed"):
+        v = r["variants"]
+        out.append((f"Step time vs full fine-tuning ({r['steps']} steps, quiet machine)", "; ".join(
+            f"{name}: {res['step_s']:.2f} s/step = {res.get('step_time_vs_full', 1):.2f}x, "
+            f"{res['samples_per_s']:.1f} samples/s, peak RSS {res['peak_rss_mb']:.0f} MB" for name, res in v.items()),
+            r["command"]))
     if r := _load("unfreeze"):
         s = r["schedules"]
         out.append((f"Unfreezing on {r['examples']:,} examples (3 seeds)", "; ".join(

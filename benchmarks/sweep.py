@@ -1,6 +1,6 @@
 """ASHA vs FIFO on MiniLM/SST-2: same search space, same seeded draws, one run.
 
-8 trials over training.lr (loguniform 1e-5..1e-3) and unfreeze.kind (none | gradual, γ 0.8); each trial
+6 trials over training.lr (loguniform 1e-5..1e-3) and unfreeze.kind (none | gradual, γ 0.8); each trial
 trains 960 SST-2 sentences (60 steps of 16, 1 worker with the machine's CPUs, ZeRO stage 0) and is
 scored on 300 test sentences every 12 steps (one Tune result = one ASHA rung unit). ASHA: grace 1,
 reduction factor 3, max_t 5. FIFO: scheduler none. Reports trial-steps consumed, best metric, wall time
@@ -63,7 +63,7 @@ def training_seconds(run_dir: str | None) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from orchestrator.config import config_from_dict
