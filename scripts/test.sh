@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run the test suite: every unit test plus the end-to-end Ray/DeepSpeed tests marked `ci`
-# (about 18 minutes on 2 CPUs). Extra arguments go to pytest and replace the default selection:
+# (about 20-25 minutes on 2 quiet CPUs). Extra arguments go to pytest and replace the default selection:
 #   bash scripts/test.sh -m "not slow"    # unit tests only (a minute)
 #   bash scripts/test.sh -m ""            # everything, every end-to-end variant included
 set -euo pipefail
