@@ -22,13 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
 
 from orchestrator.tracking import SECRET_ENV_VARS
 from tests.conftest import REPO, tiny_job
+from tests.test_job_submit import _stop_head
 
 pytestmark = [pytest.mark.slow, pytest.mark.ci]
 
@@ -71,22 +71,6 @@ for model in Registry(registry).models(None, None):
     cli("registry", "show", model.id, "--registry", registry)
     cli("registry", "show", model.id, "--registry", registry, "--json")
 """
-
-
-def _stop_processes_of(temp_dir: str) -> None:
-    """Stop what is left of the child's Ray instance (command lines name its temp dir); nothing else."""
-    ours = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or []):
-                ours.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for proc in ours:
-        proc.terminate()
-    _, alive = psutil.wait_procs(ours, timeout=15)
-    for proc in alive:
-        proc.kill()
 
 
 def _files_holding(root: Path, planted: dict[str, bytes]) -> dict[str, list[str]]:
@@ -159,7 +143,7 @@ def test_planted_secrets_appear_in_no_file_log_or_output_of_a_run(tiny_models, s
         leaks.update(_files_holding(Path(ray_dir), {n: v.encode() for n, v in planted.items()}))
         assert leaks == {}, f"planted secrets found in: {leaks}"
     finally:
-        _stop_processes_of(ray_dir)
+        _stop_head(ray_dir)  # only the child's Ray instance: its command lines name its temp dir
         shutil.rmtree(ray_dir, ignore_errors=True)
 
     # The search covered what a run writes (it would pass trivially if the run wrote elsewhere).
