@@ -2,10 +2,11 @@
 
 Three rounds per arm, each a real `orchestrator retrain` round (new files found by hash in a watched folder,
 warm start from the champion, replay, eval on every set seen so far, gate):
-  round 1: 800 SST-2 sentences; round 2: the next 800 SST-2 sentences; round 3: 800 AG News headlines
+  round 1: 1,600 SST-2 sentences; round 2: the next 1,600; round 3: 1,600 AG News headlines
   (a new label space: the head grows from 2 to 6 labels, old rows kept; every eval set is scored over its own
   labels). Eval sets: 600 sentences of sst2/test.tsv (the base job's), plus a 10% holdout of each round's new file.
-Arms: replay 0.3 of all earlier rows vs no replay. 1 worker, ZeRO stage 0, lr 5e-5, 1 epoch per round.
+Rounds 1-2 run once (replay 0.3); the AG News round then runs twice from the same champion: replay 0.3 of all
+earlier rows, and no replay (in a copy of the runs and registry). 1 worker, ZeRO stage 0, lr 1e-4, 1 epoch per round.
 
     .venv/bin/python benchmarks/forgetting.py --out benchmarks/results/forgetting.json
 """
@@ -40,22 +41,22 @@ def write_shards(folder: Path, per_round: int) -> list[Path]:
     return shards
 
 
-def run_arm(root: Path, replay: float, shards: list[Path], stamp: int) -> list[dict]:
-    from orchestrator.continual import run_round
+def arm_spec(root: Path, replay: float, first_train: Path, stamp: int):
+    """A retrain spec whose base job, runs, registry and watched folder live under `root`."""
     from orchestrator.retrain_config import retrain_from_dict
 
     watch = root / "incoming"
-    watch.mkdir(parents=True)
+    watch.mkdir(parents=True, exist_ok=True)
     job = {
-        "name": f"forget-replay{int(100 * replay)}-{stamp}",
+        "name": f"forget-{stamp}",
         "model": {"path": "minilm"},
         "data": {
-            "train": {"path": str(shards[0]), "text_column": "sentence", "label_column": "label"},
+            "train": {"path": str(first_train), "text_column": "sentence", "label_column": "label"},
             "eval": [{"name": "sst2_test", "path": str(SST2_TEST), "text_column": "sentence", "limit": 600}],
             "max_length": 64,
             "label_names": ["negative", "positive"],
         },
-        "training": {"epochs": 1, "lr": 5e-5, "batch_size_per_worker": 32, "log_every_steps": 10, "seed": 0},
+        "training": {"epochs": 1, "lr": 1e-4, "batch_size_per_worker": 32, "log_every_steps": 10, "seed": 0},
         "deepspeed": {"stage": 0},
         "scaling": {"num_workers": 1},
         "tracking": {"wandb": {"mode": "disabled"}},
@@ -69,17 +70,19 @@ def run_arm(root: Path, replay: float, shards: list[Path], stamp: int) -> list[d
         "eval": {"holdout_fraction": 0.1, "holdout_max": 500},
         "gate": {"metric": "accuracy", "min_new": 0.5, "max_forgetting": 0.02, "floor": 0.5},
     }
-    loaded = retrain_from_dict(spec, base_dir=root, source="forgetting benchmark")
-    rounds = []
-    for shard in shards:
-        shutil.copy(shard, watch / shard.name)
-        started = time.time()
-        result = run_round(loaded)
-        rounds.append({"round": result.round, "file": shard.name, "decision": result.decision,
-                       "reason": result.reason, "scores": result.scores, "forgetting": result.forgetting,
-                       "wall_s": time.time() - started})
-        print(rounds[-1], flush=True)
-    return rounds
+    return retrain_from_dict(spec, base_dir=root, source="forgetting benchmark"), watch
+
+
+def one_round(loaded, watch: Path, shard: Path) -> dict:
+    from orchestrator.continual import run_round
+
+    shutil.copy(shard, watch / shard.name)
+    started = time.time()
+    result = run_round(loaded)
+    record = {"round": result.round, "file": shard.name, "decision": result.decision, "reason": result.reason,
+              "scores": result.scores, "forgetting": result.forgetting, "wall_s": time.time() - started}
+    print(record, flush=True)
+    return record
 
 
 def matrix(rounds: list[dict]) -> str:
@@ -93,7 +96,7 @@ def matrix(rounds: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-round", type=int, default=800)
+    parser.add_argument("--per-round", type=int, default=1600)
     parser.add_argument("--replay", type=float, default=0.3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -101,9 +104,20 @@ def main() -> None:
     stamp = int(time.time())
     arms = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # Rounds 1 and 2 (SST-2) once, with replay; then the AG News round twice from the same champion: with
+        # replay, and in a copy of everything (runs, registry, watched folder) without it.
         shards = write_shards(Path(tmp), args.per_round)
-        for replay in (args.replay, 0.0):
-            arms[f"replay_{replay}"] = run_arm(Path(tmp) / f"arm-{replay}", replay, shards, stamp)
+        root = Path(tmp) / "with-replay"
+        loaded, watch = arm_spec(root, args.replay, shards[0], stamp)
+        shared = [one_round(loaded, watch, shard) for shard in shards[:2]]
+        copy = Path(tmp) / "without-replay"
+        shutil.copytree(root, copy)
+        job = yaml.safe_load((copy / "job.yaml").read_text())
+        job["output"]["dir"] = str(copy / "runs")
+        (copy / "job.yaml").write_text(yaml.safe_dump(job))
+        arms[f"replay_{args.replay}"] = shared + [one_round(loaded, watch, shards[2])]
+        loaded_off, watch_off = arm_spec(copy, 0.0, shards[0], stamp)
+        arms["replay_0.0"] = shared + [one_round(loaded_off, watch_off, shards[2])]
     summary = []
     for name, rounds in arms.items():
         sst = [r["scores"].get("sst2_test/accuracy") for r in rounds]

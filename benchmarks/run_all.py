@@ -62,9 +62,11 @@ def rows() -> list[tuple[str, str, str]]:
         parts = []
         for name, res in v.items():
             acc = res.get("eval", {}).get("sst2_test/accuracy")
-            parts.append(f"{name}: step {res.get('step_time_vs_full', 1):.2f}x, peak RSS {res['peak_rss_mb']:.0f} MB, "
-                         f"trainable {_pct(res['trainable_fraction'])}, acc {acc:.4f}")
-        out.append((f"LoRA vs full, frozen layers ({r['steps']} steps)", "; ".join(parts), r["command"]))
+            # Frozen groups stay in the optimizer at LR 0, so only LoRA's trainable share is a parameter count.
+            share = f", trainable {res['trainable_fraction']:.2%} of params" if res["trainable_fraction"] < 1 else ""
+            parts.append(f"{name}: test acc {acc:.4f}, peak RSS {res['peak_rss_mb']:.0f} MB{share}")
+        out.append((f"LoRA vs full, frozen layers: accuracy after {r['steps']} steps of 32", "; ".join(parts),
+                    r["command"]))
     if r := _load("methods_speed"):
         v = r["variants"]
         out.append((f"Step time vs full fine-tuning ({r['steps']} steps, quiet machine)", "; ".join(
