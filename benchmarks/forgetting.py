@@ -120,7 +120,7 @@ def main() -> None:
         arms["replay_0.0"] = shared + [one_round(loaded_off, watch_off, shards[2])]
     summary = []
     for name, rounds in arms.items():
-        sst = [r["scores"].get("sst2_test/accuracy") for r in rounds]
+        sst = [r["scores"].get("sst2_test") for r in rounds]  # round scores are keyed by eval set (gate metric)
         drop = None if None in sst[-2:] else 100 * (sst[-2] - sst[-1])
         summary.append(f"{name}: SST-2 test {' → '.join(f'{x:.4f}' for x in sst if x is not None)}"
                        + (f" (AG News round: {drop:+.2f} points lost)" if drop is not None else ""))
