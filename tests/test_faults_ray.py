@@ -21,7 +21,7 @@ from orchestrator.config import config_from_dict
 from orchestrator.launcher import run_training
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
-from tests.test_job_submit import RAY, _free_ports, _job_dir, _stop_head, _user_env
+from tests.test_job_submit import RAY, _free_ports, _job_dir, _stop_head, _user_env, ray_job_submit
 
 pytestmark = pytest.mark.slow
 
@@ -349,28 +349,7 @@ def test_a_job_submitted_to_a_two_node_cluster_spreads_its_workers(
     job["output"]["storage_path"] = str(tmp_path / "shared-storage")  # one filesystem that both nodes see
     config_file.write_text(yaml.safe_dump(job))
     env = two_node_cluster["env"]
-    submitted = subprocess.run(
-        [
-            RAY,
-            "job",
-            "submit",
-            "--address",
-            two_node_cluster["address"],
-            "--working-dir",
-            str(work),
-            "--",
-            "python",
-            "jobs/train.py",
-            "configs/tiny.yaml",
-        ],
-        env=env,
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    output = submitted.stdout + submitted.stderr
-    assert submitted.returncode == 0, output[-4000:]
+    ray_job_submit(two_node_cluster["address"], work, env, timeout=900)
 
     run_dir = tmp_path / "runs" / "two-nodes"
     start = [r for r in read_metrics(run_dir) if r["kind"] == "start"][0]

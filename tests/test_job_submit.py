@@ -127,31 +127,26 @@ def _job_dir(tiny_models, shared_data, tmp_path: Path) -> tuple[Path, Path]:
     return work, config
 
 
-def test_ray_job_submit_runs_a_two_worker_zero2_job(ray_head, tiny_models, shared_data, tmp_path):
-    work, config = _job_dir(tiny_models, shared_data, tmp_path)
-    env = _user_env(RAY_AUTH_MODE="token")
+def ray_job_submit(address: str, work: Path, env: dict[str, str], *, timeout: int) -> str:
+    """`ray job submit --working-dir work -- python jobs/train.py configs/tiny.yaml`; its output, once it succeeded."""
     submitted = subprocess.run(
-        [
-            RAY,
-            "job",
-            "submit",
-            "--address",
-            ray_head,
-            "--working-dir",
-            str(work),
-            "--",
-            "python",
-            "jobs/train.py",
-            "configs/tiny.yaml",
-        ],
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(work), "--",
+         "python", "jobs/train.py", "configs/tiny.yaml"],
         env=env,
         cwd=work,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-4000:]
+    return output
+
+
+def test_ray_job_submit_runs_a_two_worker_zero2_job(ray_head, tiny_models, shared_data, tmp_path):
+    work, config = _job_dir(tiny_models, shared_data, tmp_path)
+    env = _user_env(RAY_AUTH_MODE="token")
+    output = ray_job_submit(ray_head, work, env, timeout=600)
     assert "succeeded" in output.lower()
     final = tmp_path / "runs" / "submitted" / "final"
     assert (final / "model.safetensors").is_file()
