@@ -1,11 +1,11 @@
 """ASHA vs FIFO on MiniLM/SST-2: same search space, same seeded draws, one run.
 
-6 trials over training.lr (loguniform 1e-5..1e-3) and unfreeze.kind (none | gradual, γ 0.8); each trial
-trains 960 SST-2 sentences (60 steps of 16, 1 worker with the machine's CPUs, ZeRO stage 0) and is
-scored on 300 test sentences every 12 steps (one Tune result = one ASHA rung unit). ASHA: grace 1,
-reduction factor 3, max_t 5. FIFO: scheduler none. Reports trial-steps consumed, best metric, wall time
-and the share of wall time spent outside the trials' training loops (Ray/Tune start-up, worker start,
-DeepSpeed init, scheduling, result handling).
+12 trials over training.lr (loguniform 1e-5..1e-3) and unfreeze.kind (none | gradual, γ 0.8); each trial
+trains one epoch of max_t x 192 SST-2 sentences (max_t x 12 steps of 16, 1 worker with the machine's CPUs,
+ZeRO stage 0) and is scored on 300 test sentences every 12 steps (one Tune result = one ASHA time unit).
+ASHA: grace 1, reduction factor 3, max_t 9 (rungs at 1, 3 and 9 evals). FIFO: scheduler none. Reports
+trial-steps consumed, best metric, wall time and the share of wall time spent outside the trials' training
+loops (Ray/Tune start-up, worker start, DeepSpeed init, scheduling, result handling).
 
     .venv/bin/python benchmarks/sweep.py --out benchmarks/results/sweep.json
 """
@@ -22,12 +22,12 @@ from pathlib import Path
 from common import SST2_TEST, SST2_TRAIN, start_ray, write_result
 
 
-def sweep_job(name: str, out: Path, scheduler: str, trials: int) -> dict:
+def sweep_job(name: str, out: Path, scheduler: str, trials: int, max_t: int) -> dict:
     return {
         "name": name,
         "model": {"path": "minilm"},
         "data": {
-            "train": {"path": str(SST2_TRAIN), "text_column": "sentence", "limit": 960},
+            "train": {"path": str(SST2_TRAIN), "text_column": "sentence", "limit": max_t * 12 * 16},
             "eval": [{"name": "sst2", "path": str(SST2_TEST), "text_column": "sentence", "limit": 300}],
             "max_length": 64,
             "label_names": ["negative", "positive"],
@@ -46,7 +46,7 @@ def sweep_job(name: str, out: Path, scheduler: str, trials: int) -> dict:
             "num_samples": trials,
             "searcher": "random",
             "scheduler": scheduler,
-            "asha": {"grace_period": 1, "reduction_factor": 3, "max_t": 5},
+            "asha": {"grace_period": 1, "reduction_factor": 3, "max_t": max_t},
             "seed": 0,
             "export_best": False,
         },
@@ -63,7 +63,8 @@ def training_seconds(run_dir: str | None) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--max-t", type=int, default=9, help="evals per full trial (ASHA max_t)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from orchestrator.config import config_from_dict
@@ -73,7 +74,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for scheduler in ("asha", "none"):
-            job = sweep_job(f"bench-sweep-{scheduler}-{int(time.time())}", Path(tmp), scheduler, args.trials)
+            name = f"bench-sweep-{scheduler}-{int(time.time())}"
+            job = sweep_job(name, Path(tmp), scheduler, args.trials, args.max_t)
             started = time.time()
             result = run_sweep(config_from_dict(job), verbose=False)
             wall = time.time() - started
@@ -95,7 +97,9 @@ def main() -> None:
         **results,
         "trial_steps_asha_vs_fifo": asha["trial_steps"] / fifo["trial_steps"],
         "best_metric_gap_points": 100 * (fifo["best_metric"] - asha["best_metric"]),
-        "command": "python benchmarks/sweep.py --out benchmarks/results/sweep.json",
+        "command": f"python benchmarks/sweep.py --trials {args.trials} --max-t {args.max_t} "
+        "--out benchmarks/results/sweep.json",
+        "trials": args.trials, "max_t": args.max_t,
     })
 
 

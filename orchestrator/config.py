@@ -61,6 +61,11 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory (slower steps)."
     )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel: auto = transformers' default (PyTorch SDPA, which picks FlashAttention on "
+        "GPUs where it applies); flash_attention_2 needs the flash-attn package on the workers.",
+    )
     grow_head: bool = Field(
         False,
         description="sequence-classification: keep the classifier of model.path for its own labels and add "
@@ -121,6 +126,13 @@ class DataConfig(_Section):
         "with the file and line; 'skip' drops it and counts it in the run summary.",
     )
     shuffle: bool = Field(True, description="Shuffle the training data every epoch (seeded).")
+    packing: bool = Field(
+        False,
+        description="causal-lm only: tokenize every row once, join them with the end-of-text token and cut the "
+        "stream into blocks of exactly max_length tokens (no padding; the usual pre-training/SFT packing). "
+        "Train and eval sets are packed alike; an example is one block. Tokenized blocks are cached per node "
+        "(ORCHESTRATOR_CACHE, default ~/.cache/orchestrator).",
+    )
 
 
 class TrainingConfig(_Section):
@@ -599,6 +611,8 @@ class JobConfig(_Section):
         problems = []
         if self.model.task == "sequence-classification" and not self.data.train.label_column:
             problems.append("data.train.label_column is required for sequence-classification")
+        if self.data.packing and self.model.task != "causal-lm":
+            problems.append("data.packing needs model.task: causal-lm (classification examples keep their own labels)")
         if self.method == "lora" and self.lora is None:
             self.lora = LoraSection()
         if self.data.label_names is not None and len(set(self.data.label_names)) != len(self.data.label_names):

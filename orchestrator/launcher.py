@@ -196,6 +196,9 @@ def build_trainer(
         # Where it fails: "after_checkpoint" (default), or "checkpoint_upload": rank 0 dies after copying part of
         # its checkpoint files to storage, as a node lost while writing a checkpoint would.
         "fault_point": os.environ.get("ORCHESTRATOR_FAULT_POINT", "after_checkpoint"),
+        # data.packing's tokenized-block cache: the driver's ORCHESTRATOR_CACHE if set (workers of a running
+        # cluster do not see the driver's environment), else each node's default.
+        "cache_dir": os.environ.get("ORCHESTRATOR_CACHE"),
     }
     checkpoint_config = CheckpointConfig(num_to_keep=config.output.keep_checkpoints)
     if config.output.keep_checkpoints_by == "best":

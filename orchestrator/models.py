@@ -173,6 +173,7 @@ def load_model(
     label_names: list[str] | None = None,
     trust_remote_code: bool = False,
     grow_head: bool = False,
+    attn_implementation: str = "auto",
 ) -> Any:
     """Load a pretrained model for the task; a new classification head gets the label names.
 
@@ -187,6 +188,8 @@ def load_model(
     if trust_remote_code:
         logger.warning("model.trust_remote_code is ON: code shipped with %s will run in every worker", path)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
     if task == "sequence-classification":
         names = label_names or []
         own = checkpoint_label_names(path, trust_remote_code=trust_remote_code) if grow_head else names

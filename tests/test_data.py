@@ -9,14 +9,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from orchestrator.config import DataConfig
 from orchestrator.data import (
     Collator,
+    PackedCollator,
+    PackedReader,
     PreparedData,
     RowReader,
     batches_per_epoch,
     eval_batch_indices,
+    pack_token_stream,
     prepare_data,
     train_batch_indices,
 )
@@ -494,3 +498,60 @@ def test_causal_lm_labels_are_the_inputs_with_padding_ignored(tokenizer: Any) ->
     assert (batch["labels"][~mask] == -100).all()
     assert (batch["labels"][mask] == batch["input_ids"][mask]).all()
     assert "token_type_ids" not in batch
+
+
+# --- sequence packing (data.packing, causal-lm) ---
+
+
+def test_packing_joins_documents_with_eos_and_cuts_full_blocks() -> None:
+    blocks = pack_token_stream([[1, 2, 3], [4, 5], [6, 7, 8, 9]], block_size=4, eos_id=0)
+
+    # stream 1 2 3 0 4 5 0 6 7 8 9 0 -> three full blocks, nothing dropped here
+    assert blocks.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    tail = pack_token_stream([[1, 2, 3], [4]], block_size=4, eos_id=0)
+    assert tail.tolist() == [[1, 2, 3, 0]]  # the 2-token tail is dropped
+
+
+def test_packed_reader_tokenizes_every_row_once_and_reuses_the_node_cache(
+    tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
+    path = write(tmp_path, "lm.tsv", "text\n" + "".join(f"sentence number {i} is here\n" for i in range(50)))
+    prepared = prepare({"path": str(path), "label_column": None}, task="causal-lm")
+    expected_tokens = sum(
+        len(tokenizer(f"sentence number {i} is here", add_special_tokens=False)["input_ids"]) + 1 for i in range(50)
+    )
+
+    reader = PackedReader(prepared.train, tokenizer, block_size=16)
+
+    assert len(reader) == expected_tokens // 16
+    assert reader.cache_file.is_file()
+    first = tokenizer("sentence number 0 is here", add_special_tokens=False)["input_ids"]
+    assert reader.get(0)[: len(first) + 1].tolist() == first + [tokenizer.sep_token_id]
+    # Another block size is another cache entry.
+    assert PackedReader(prepared.train, tokenizer, block_size=8).cache_file != reader.cache_file
+    # A second reader on the node (another worker, a restart) loads the cache instead of tokenizing again.
+    monkeypatch.setattr(PackedReader, "_build", lambda *a: pytest.fail("tokenized again despite the cache"))
+    again = PackedReader(prepared.train, tokenizer, block_size=16)
+    assert np.array_equal(again.get(3), reader.get(3))
+
+
+def test_packed_batches_have_no_padding_and_labels_equal_inputs() -> None:
+    blocks = [np.arange(8, dtype=np.int32), np.arange(8, 16, dtype=np.int32)]
+
+    batch = PackedCollator()(blocks)
+
+    assert set(batch) == {"input_ids", "labels"}
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (2, 8)
+    assert torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_packing_too_little_text_for_one_block_names_the_file_and_the_fix(
+    tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
+    path = write(tmp_path, "short.tsv", "text\nhello there\n")
+    prepared = prepare({"path": str(path), "label_column": None}, task="causal-lm")
+
+    with pytest.raises(DataError, match=r"short\.tsv.*lower data\.max_length"):
+        PackedReader(prepared.train, tokenizer, block_size=512)

@@ -108,6 +108,27 @@ def test_causal_lm_trains_and_reports_perplexity(arch, stage, ray_cluster, tiny_
     assert model.config.num_hidden_layers == 2
 
 
+@pytest.mark.ci
+def test_packed_causal_lm_trains_on_full_blocks_and_counts_tokens(
+    ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))  # the workers inherit it (local cluster)
+    job = tiny_job("lm-packed", tiny_models["llama"], shared_data, tmp_path, task="causal-lm", stage=2, lr=3e-3)
+    job["data"].update(packing=True, max_length=32)
+    job["data"]["train"]["limit"] = 1200  # SST-2 sentences are short: ~14 tokens each, ~500 blocks of 32
+    result = run_training(config_from_dict(job))
+
+    records = read_metrics(result.run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    # Every example is one full block: tokens = samples x max_length, no padding.
+    for record in train:
+        assert record["train/tokens_per_s"] == pytest.approx(record["train/samples_per_s"] * 32, rel=1e-6)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["sst2/loss"] < evals[0]["sst2/loss"]
+    assert list((tmp_path / "cache" / "packed").glob("*.npy"))  # built once per node, reused by the other rank
+
+
 # Not in CI: the SIGKILL restart and the resume-on-one-worker tests (tests/test_faults_ray.py, both `ci`) cover resume.
 def test_resume_continues_from_the_latest_checkpoint(ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch):
     job = tiny_job("resume", tiny_models["bert"], shared_data, tmp_path, stage=2, checkpoint_every_steps=2)
