@@ -56,6 +56,8 @@ from orchestrator.unfreeze import (
     BackwardStop,
     GroupLR,
     Schedule,
+    freeze_groups,
+    groups_frozen_for_run,
     layered_param_groups,
     resolve_schedule,
     trainable_groups,
@@ -399,11 +401,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if new_world_size and saved.get("total_steps"):
         budget = replace(budget, total_steps=saved["total_steps"])  # the restored LR schedule counts to it
     unfreezing = build_unfreezing(model, config, budget)
+    frozen_for_run: frozenset[int] = frozenset()
     if unfreezing is None:
         groups = param_groups(model, t.weight_decay)
         optimizer = build_optimizer(groups, config, device_type=device_type)
         scheduler = build_scheduler(optimizer, config, budget.total_steps)
     else:
+        # Groups this run never trains leave the optimizer; the others stay in it at LR 0 until their step
+        # (orchestrator.unfreeze explains the two tiers).
+        frozen_for_run = groups_frozen_for_run(unfreezing.schedule, budget.total_steps)
+        freeze_groups(model, unfreezing.groups, frozen_for_run)
         groups = layered_param_groups(model, unfreezing.groups, t.weight_decay)
         optimizer = build_optimizer(groups, config, device_type=device_type)
         scheduler = build_scheduler(
@@ -495,7 +502,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 "worker_nodes": worker_nodes,
                 "precision": precision,
                 "params_total": total,
-                "params_trainable": trainable,
+                "params_trainable": trainable,  # groups frozen for the whole run excluded
+                **({"unfreeze/groups_frozen_for_run": sorted(frozen_for_run)} if unfreezing is not None else {}),
                 "memory/rss_before_model_mb": memory_at_start,
                 **resharded,
                 "torch_threads": torch.get_num_threads(),

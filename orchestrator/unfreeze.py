@@ -8,18 +8,33 @@ trainable, ramped up over ``warmup_steps`` after the group is unfrozen).
 How freezing works under DeepSpeed, and why. DeepSpeed partitions parameters, gradients and
 optimizer state when the engine is built, and ignores ``requires_grad`` changes made afterwards
 (DeepSpeed issues #5639, #1767, #5341); rebuilding the engine at every milestone would cost a
-checkpoint round trip each time. So every parameter stays in the optimizer from the start, and a
-frozen group is frozen by two means that hold under ZeRO 0, 1, 2 and 3 alike:
+checkpoint round trip each time. What the engine sees is therefore decided once, before
+``deepspeed.initialize``, and a frozen group is in one of two tiers:
 
-1. its learning rate is exactly 0 (per-group LambdaLR), so AdamW leaves it bit for bit unchanged;
-2. the output of the block just below the lowest trainable group is detached in forward, so backward
-   stops there: frozen blocks below cost no backward compute and get no gradients.
+- **Frozen for the whole run** (``groups_frozen_for_run``: the body below the head for ``head_only``,
+  below the top k blocks for ``top_k``, below the cap for a capped ``gradual``, groups no milestone
+  names for ``explicit``, groups whose turn comes after the last step of the run's budget): their
+  parameters get ``requires_grad=False`` before the engine is built and are left out of the optimizer
+  (``freeze_groups``). DeepSpeed supports parameters frozen at initialize under every ZeRO stage: they
+  cost no optimizer step, no gradient buffers and no optimizer state, which LR-0 freezing still pays
+  for over every parameter it holds at LR 0. They stay module parameters: ZeRO-3 still partitions them (exports
+  gather them like any other), and checkpoints still hold them (the module state under ZeRO 0/1, the
+  frozen-parameter fragments DeepSpeed writes under ZeRO 2/3; a universal-checkpoint resume on another
+  world size keeps the values the model was built with, which are the same since they never train).
+- **Frozen until a later step**: every such parameter stays in the optimizer from the start, frozen by
+  two means that hold under ZeRO 0, 1, 2 and 3 alike:
 
-Because both depend on the step only, resuming mid-schedule needs no extra state.
+  1. its learning rate is exactly 0 (per-group LambdaLR), so AdamW leaves it bit for bit unchanged;
+  2. the output of the block just below the lowest trainable group is detached in forward, so backward
+     stops there: frozen blocks below cost no backward compute and get no gradients (``BackwardStop``).
+
+Both tiers depend on the schedule and the run's step budget only, so resuming mid-schedule needs no
+extra state (a resume must keep the budget: the optimizer state it loads was built for the same tiers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +97,7 @@ def first_trainable_step(schedule: Schedule, group: int, horizon: int) -> int | 
     if schedule.kind == "explicit":
         for at, groups in sorted(schedule.milestones):
             if group in groups:
-                return at
+                return at if at <= horizon else None
         return None
     depth = schedule.num_groups - 1 - group  # 0 for the head
     blocks_needed = depth - schedule.start_blocks
@@ -90,6 +105,17 @@ def first_trainable_step(schedule: Schedule, group: int, horizon: int) -> int | 
         return 0
     step = blocks_needed * (schedule.every_steps or 1)
     return step if group in trainable_groups(schedule, step) and step <= horizon else None
+
+
+def groups_frozen_for_run(schedule: Schedule, total_steps: int) -> frozenset[int]:
+    """The groups that train at no step of a run of ``total_steps`` optimizer steps (steps 0 .. total_steps - 1).
+
+    These can leave the optimizer altogether (see the module docstring); every other group is in it.
+    """
+    last_step = max(0, total_steps - 1)
+    return frozenset(
+        g for g in range(schedule.num_groups) if first_trainable_step(schedule, g, horizon=last_step) is None
+    )
 
 
 def group_lr_scale(schedule: Schedule, group: int, step: int) -> float:
@@ -160,8 +186,19 @@ class GroupLR:
         return self.base(step) * group_lr_scale(self.schedule, self.group, step)
 
 
+def freeze_groups(model: torch.nn.Module, groups: LayerGroups, indices: Iterable[int]) -> None:
+    """Set ``requires_grad=False`` on every parameter of the given groups. Call it before
+    ``deepspeed.initialize`` (DeepSpeed ignores later changes) and before building the optimizer groups."""
+    by_name = dict(model.named_parameters())
+    ordered = groups.ordered()
+    for index in indices:
+        for name in ordered[index]:
+            by_name[name].requires_grad_(False)
+
+
 def layered_param_groups(model: torch.nn.Module, groups: LayerGroups, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW param groups per layer group (bottom to top) and decay/no-decay; each carries 'layer_group'."""
+    """AdamW param groups per layer group (bottom to top) and decay/no-decay; each carries 'layer_group'.
+    Parameters that do not require grad (frozen for the run, LoRA bases) are left out."""
     by_name = dict(model.named_parameters())
     result = []
     for index, names in enumerate(groups.ordered()):

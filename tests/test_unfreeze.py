@@ -12,8 +12,11 @@ from orchestrator.unfreeze import (
     BackwardStop,
     Schedule,
     first_trainable_step,
+    freeze_groups,
     group_indices,
     group_lr_scale,
+    groups_frozen_for_run,
+    layered_param_groups,
     resolve_schedule,
     trainable_groups,
 )
@@ -160,3 +163,90 @@ def test_backward_stops_below_the_lowest_trainable_block(tiny_models):
     params = dict(model.named_parameters())
     assert all(params[n].grad is None for n in groups.embeddings + groups.blocks[0])
     assert all(params[n].grad is not None for n in groups.blocks[1] + groups.head)
+
+
+def test_groups_frozen_for_the_whole_run_by_kind():
+    assert groups_frozen_for_run(schedule(kind="none", lr_decay=0.5), 100) == set()
+    assert groups_frozen_for_run(schedule(kind="head_only"), 100) == {EMB, 1, 2, 3, 4}
+    assert groups_frozen_for_run(schedule(kind="top_k", k=1), 100) == {EMB, 1, 2, 3}
+    assert groups_frozen_for_run(schedule(kind="top_k", k=99), 100) == {EMB}
+    # gradual with a cap: everything below the cap, however long the run
+    capped = schedule(kind="gradual", every_steps=5, cap=2)
+    assert groups_frozen_for_run(capped, 10_000) == {EMB, 1, 2}
+    # gradual without a cap: the groups whose turn comes after the last step (step total_steps - 1)
+    gradual = schedule(kind="gradual", every_steps=5)
+    assert groups_frozen_for_run(gradual, 10_000) == set()
+    assert groups_frozen_for_run(gradual, 25) == {EMB}  # embeddings' turn is step 25, the run ends at step 24
+    assert groups_frozen_for_run(gradual, 26) == set()
+    assert groups_frozen_for_run(gradual, 11) == {EMB, 1, 2}  # block at group 3 unfreezes at step 10
+    # explicit: groups no milestone names, or named only by a milestone after the run's last step
+    explicit = schedule(
+        kind="explicit", milestones=[{"step": 0, "groups": ["head"]}, {"step": 30, "groups": ["top:2"]}]
+    )
+    assert groups_frozen_for_run(explicit, 100) == {EMB, 1, 2}
+    assert groups_frozen_for_run(explicit, 30) == {EMB, 1, 2, 3, 4}
+
+
+def test_a_group_frozen_for_the_run_is_never_trainable_at_any_step():
+    cases = [
+        schedule(kind="head_only"),
+        schedule(kind="top_k", k=2),
+        schedule(kind="gradual", every_steps=3, cap=2, start_blocks=1),
+        schedule(kind="gradual", every_epochs=0.3),
+        schedule(kind="explicit", milestones=[{"step": 0, "groups": ["top:1"]}, {"step": 4, "groups": ["block1"]}]),
+    ]
+    for s in cases:
+        for total in (1, 5, 12, 40):
+            ever = set().union(*(trainable_groups(s, step) for step in range(total)))
+            assert groups_frozen_for_run(s, total) == set(range(s.num_groups)) - ever, (s.kind, total)
+
+
+def _tiny_bert(tiny_models):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
+
+
+def test_groups_frozen_for_the_run_leave_the_optimizer_and_later_groups_stay_in_it(tiny_models):
+    model = _tiny_bert(tiny_models)
+    groups = find_layer_groups(model)  # 0 embeddings, 1-2 blocks, 3 head
+    s = resolve_schedule(UnfreezeSection(kind="gradual", every_steps=3, cap=1), groups.num_blocks, steps_per_epoch=1)
+    frozen = groups_frozen_for_run(s, total_steps=6)
+    assert frozen == {0, 1}  # embeddings and the lower block; the top block unfreezes at step 3
+    freeze_groups(model, groups, frozen)
+
+    optimizer_groups = layered_param_groups(model, groups, weight_decay=0.1)
+    in_optimizer = {id(p) for g in optimizer_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    for index, names in enumerate(groups.ordered()):
+        for name in names:
+            assert params[name].requires_grad == (index not in frozen), name
+            assert (id(params[name]) in in_optimizer) == (index not in frozen), name
+    assert sorted({g["layer_group"] for g in optimizer_groups}) == [2, 3]
+
+    from orchestrator.anchor import WeightAnchor
+
+    anchor = WeightAnchor.capture(model, 0.1)  # pulls only what can train
+    assert anchor is not None and {id(p) for p in anchor.params} == in_optimizer
+
+
+def test_lora_with_head_only_leaves_only_the_head_in_the_optimizer(tiny_models, shared_data, tmp_path):
+    from orchestrator.config import config_from_dict
+    from orchestrator.methods.base import MethodContext
+    from orchestrator.methods.lora import LoraMethod
+    from tests.conftest import tiny_job
+
+    config = config_from_dict({**tiny_job("l", tiny_models["bert"], shared_data, tmp_path), "method": "lora"})
+    context = MethodContext(
+        model_path=str(tiny_models["bert"]), device=torch.device("cpu"), precision="fp32", world_size=1
+    )
+    model = LoraMethod().prepare_model(_tiny_bert(tiny_models), config, context)
+    groups = find_layer_groups(model)
+    s = resolve_schedule(UnfreezeSection(kind="head_only"), groups.num_blocks, steps_per_epoch=1)
+    freeze_groups(model, groups, groups_frozen_for_run(s, total_steps=6))
+
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("classifier" in n for n in trainable)  # adapters in the frozen blocks: out
+    in_optimizer = {id(p) for g in layered_param_groups(model, groups, 0.1) for p in g["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}

@@ -1,8 +1,10 @@
 """Unfreezing under DeepSpeed ZeRO 2 and 3 with 2 Ray workers: frozen parameters do not change bit for
-bit, unfrozen ones do, and a block starts changing once the schedule unfreezes it."""
+bit, unfrozen ones do, and a block starts changing once the schedule unfreezes it; groups frozen for the
+whole run (left out of the optimizer) survive a checkpoint, a resume and a ZeRO-3 export unchanged."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,44 @@ def test_gradual_unfreezing_keeps_frozen_blocks_bit_identical(stage, ray_cluster
 
     logged = [r for r in read_metrics(result.run_dir) if r["kind"] == "train"]
     assert [r["unfreeze/trainable_groups"] for r in logged] == [1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.ci
+def test_head_only_under_zero3_resumes_and_exports_the_base_models_body(
+    ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch
+):
+    name = "head-only-z3"
+    job = tiny_job(name, tiny_models["bert"], shared_data, tmp_path, stage=3, max_steps=6, lr=1e-2)
+    job["unfreeze"] = {"kind": "head_only"}
+    job["output"]["keep_checkpoints"] = 5
+    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "3")  # fail after the step-3 checkpoint, then --resume
+    with pytest.raises(Exception, match="injected fault"):
+        run_training(config_from_dict(job))
+    monkeypatch.delenv("ORCHESTRATOR_FAULT_AT_STEP")
+    result = run_training(config_from_dict(job), resume=True)
+
+    base = {f"bert.{k}": v for k, v in load_file(tiny_models["bert"] / "model.safetensors").items()}
+    body = [k for k in base if not k.startswith("bert.pooler.")]  # embeddings and blocks: frozen for the run
+    head = [k for k in base if k.startswith("bert.pooler.")] + ["classifier.weight", "classifier.bias"]
+
+    # The frozen body is in the checkpoint (DeepSpeed's frozen-parameter fragments under ZeRO-3), unchanged.
+    step3 = next(
+        p
+        for p in (result.run_dir / "ray" / name).glob("checkpoint_*")
+        if json.loads((p / "train_state.json").read_text())["step"] == 3
+    )
+    at_step3 = _weights_at(step3)
+    assert all(torch.equal(at_step3[k], base[k]) for k in body)
+
+    # After the resume the run trained on, and the export (gathered from ZeRO-3 shards) has the base body exactly.
+    records = read_metrics(result.run_dir)
+    starts = [r for r in records if r["kind"] == "start"]
+    assert starts[-1]["resumed_from_step"] == 3
+    assert [r["step"] for r in records if r["kind"] == "train"][-3:] == [4, 5, 6]
+    exported = load_file(result.final_model / "model.safetensors")
+    assert all(torch.equal(exported[k], base[k]) for k in body)
+    assert not torch.equal(exported["bert.pooler.dense.weight"], at_step3["bert.pooler.dense.weight"])
+
+    # Only the head was ever in the optimizer.
+    assert starts[-1]["params_trainable"] == sum(exported[k].numel() for k in head)
+    assert starts[-1]["unfreeze/groups_frozen_for_run"] == [0, 1, 2]
