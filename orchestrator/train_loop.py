@@ -25,6 +25,8 @@ from orchestrator.anchor import WeightAnchor
 from orchestrator.config import JobConfig
 from orchestrator.data import (
     Collator,
+    PackedCollator,
+    PackedReader,
     PreparedData,
     RowReader,
     batches_per_epoch,
@@ -235,7 +237,7 @@ def evaluate(
     With ``label_ids`` (the eval set's own labels, see ``data.eval[].labels``) loss, predictions and macro-F1
     are over those labels only: the logits of the others are masked out."""
     engine.eval()
-    n = len(reader.scanned)
+    n = len(reader)
     loss_sum = torch.zeros(1, dtype=torch.float64)
     count = torch.zeros(1, dtype=torch.float64)
     confusion = torch.zeros(max(num_labels, 1), max(num_labels, 1), dtype=torch.float64)
@@ -379,7 +381,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         label_names=data.label_names,
         trust_remote_code=config.model.trust_remote_code,
         grow_head=config.model.grow_head,
+        attn_implementation=config.model.attn_implementation,
     )
+    if precision == "fp32":
+        model.float()  # a checkpoint saved in half precision trains with fp32 weights when no mixed precision runs
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     method = get_method(config.method)
@@ -397,7 +402,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     saved = read_saved_state(checkpoint, STATE_FILE) if checkpoint is not None else None
     new_world_size = saved is not None and saved.get("world_size") not in (None, world_size)
     universal = needs_universal(saved, world_size=world_size)
-    budget = StepBudget.for_job(config, len(data.train), world_size)
+    # Readers before the step budget: with data.packing an example is a packed block, counted once tokenized.
+    if config.data.packing:
+        collator: Any = PackedCollator()
+        packed = {"block_size": config.data.max_length, "cache_dir": payload.get("cache_dir")}
+        train_reader: Any = PackedReader(data.train, tokenizer, **packed)
+        eval_readers: list[Any] = [PackedReader(e, tokenizer, **packed) for e in data.evals]
+    else:
+        collator = Collator(tokenizer, task=config.model.task, max_length=config.data.max_length)
+        train_reader = RowReader(data.train)
+        eval_readers = [RowReader(e) for e in data.evals]
+    budget = StepBudget.for_job(config, len(train_reader), world_size)
     if new_world_size and saved.get("total_steps"):
         budget = replace(budget, total_steps=saved["total_steps"])  # the restored LR schedule counts to it
     unfreezing = build_unfreezing(model, config, budget)
@@ -511,9 +526,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 "data": data.summary(),
             },
         )
-    collator = Collator(tokenizer, task=config.model.task, max_length=config.data.max_length)
-    train_reader = RowReader(data.train)
-    eval_readers = [RowReader(e) for e in data.evals]
     num_labels = len(data.label_names)
 
     def run_eval() -> dict[str, float]:
@@ -571,14 +583,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     stop_signal = payload.get("stop_signal")  # sweeps: an actor whose is_set() turns true when Tune stops the trial
     engine.train()
-    window_loss, window_batches, window_samples = 0.0, 0, 0
+    window_loss, window_batches, window_samples, window_tokens = 0.0, 0, 0, 0
     window_extra: dict[str, float] = {}
     window_start = time.perf_counter()
     micro_in_step = 0
     finished = state.step >= budget.total_steps
     while not finished:
         batches = train_batch_indices(
-            len(data.train),
+            len(train_reader),
             epoch=state.epoch,
             seed=t.seed,
             shuffle=config.data.shuffle,
@@ -590,7 +602,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             if unfreezing is not None:
                 unfreezing.stop.update(state.step)
             batch = collator([train_reader.get(int(i)) for i in batch_indices])
-            batch = {k: v.to(device) for k, v in batch.items()}
+            # Real (non-padding) tokens, counted on the host before the copy so no device sync is added.
+            mask = batch.get("attention_mask")
+            window_tokens += (int(mask.sum()) if mask is not None else batch["input_ids"].numel()) * world_size
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             output = method.compute_loss(engine, batch)
             if anchor is not None:
                 output = anchor.add_to(output)
@@ -625,13 +640,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                         **{f"train/{k}": v / max(window_batches, 1) for k, v in window_extra.items()},
                         "train/lr": engine.get_lr()[0],
                         "train/samples_per_s": window_samples / max(elapsed, 1e-9),
+                        "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
                         "train/epoch": state.epoch + state.batch_in_epoch / budget.batches_per_epoch,
                         "total_steps": budget.total_steps,
                         **(unfreezing.log_values(state.step - 1) if unfreezing is not None else {}),
                         **_memory_mb(device),
                     },
                 )
-                window_loss, window_batches, window_samples = 0.0, 0, 0
+                window_loss, window_batches, window_samples, window_tokens = 0.0, 0, 0, 0
                 window_extra.clear()
                 window_start = time.perf_counter()
             do_eval = bool(data.evals) and (last or (t.eval_every_steps and state.step % t.eval_every_steps == 0))

@@ -364,6 +364,9 @@ def test_eval_scores_the_teacher_side_by_side(teachers, tmp_path) -> None:
     class Reader:
         scanned = list(range(rows))
 
+        def __len__(self):
+            return rows
+
         def get(self, i):
             return i, None, int(batch["labels"][i])
 
