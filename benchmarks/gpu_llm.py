@@ -36,6 +36,7 @@ from typing import Any
 from common import DATA, ROOT, start_ray, write_result
 
 VARIANTS = ("orch_full_z2", "orch_full_z3", "orch_lora", "hf_full_z2", "hf_lora")
+EXTRA_VARIANTS = ("orch_full_z2_compile", "hf_full_z2_compile")  # torch.compile on both sides (--variants)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -118,11 +119,13 @@ def run_orchestrator(variant: str, model_dir: Path, corpus: Path, out: Path, arg
                  "shuffle": False},
         "training": {"max_steps": args.steps, "batch_size_per_worker": args.batch, "lr": 1e-4,
                      "log_every_steps": 1, "max_grad_norm": 1.0, "warmup_steps": 0},
-        "deepspeed": {"stage": 3 if variant.endswith("z3") else 2},
+        "deepspeed": {"stage": 3 if "z3" in variant else 2},
         "scaling": {"num_workers": 1, "use_gpu": gpu, "cpus_per_worker": float(max(1, (os.cpu_count() or 2) - 1))},
         "tracking": {"wandb": {"mode": "disabled"}},
         "output": {"dir": str(out), "save_final": False, "save_best": False},
     }
+    if variant.endswith("_compile"):
+        job["model"]["torch_compile"] = True
     if variant == "orch_lora":
         job["method"] = "lora"
         job["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": LORA_TARGETS}
@@ -200,6 +203,7 @@ def hf_trainer_worker(variant: str, model_dir: Path, corpus: Path, args: argpars
             lr_scheduler_type="linear", weight_decay=0.01, max_grad_norm=1.0, bf16=gpu, logging_steps=1,
             save_strategy="no", report_to=[], optim="adamw_torch_fused" if gpu else "adamw_torch",
             deepspeed=ds_config, dataloader_drop_last=True, disable_tqdm=True, use_cpu=not gpu,
+            torch_compile=variant.endswith("_compile"),
         )
         trainer = Trainer(model=model, args=training_args, train_dataset=Blocks(), callbacks=[Clock()])
         trainer.train()
@@ -253,7 +257,8 @@ def main() -> None:
             else:
                 cmd = [sys.executable, __file__, "--hf-worker", variant, "--model-dir", str(model_dir),
                        "--corpus", str(corpus)] + [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-                                                   ("layers", "hidden", "seq", "batch", "steps", "warmup")]
+                                                   ("layers", "hidden", "intermediate", "heads", "seq", "batch",
+                                                    "steps", "warmup")] + [f"--kv-heads={args.kv_heads}"]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("HF_RESULT ")), None)
                 if line is None:
@@ -270,7 +275,9 @@ def main() -> None:
         if args.out:  # partial results survive a run cut short
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".partial.json").write_text(json.dumps({"counts": counts, **results}, indent=1))
-    for variant, baseline in (("orch_full_z2", "hf_full_z2"), ("orch_full_z3", "hf_full_z2"), ("orch_lora", "hf_lora")):
+    pairs = (("orch_full_z2", "hf_full_z2"), ("orch_full_z3", "hf_full_z2"), ("orch_lora", "hf_lora"),
+             ("orch_full_z2_compile", "hf_full_z2_compile"))
+    for variant, baseline in pairs:
         if "tokens_per_s" in results.get(variant, {}) and "tokens_per_s" in results.get(baseline, {}):
             results[variant]["vs_hf_trainer"] = results[variant]["tokens_per_s"] / results[baseline]["tokens_per_s"]
     write_result(args.out, {

@@ -25,17 +25,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DATA = Path(os.environ.get("DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def plain_loop(steps: int, warmup: int, batch: int, max_length: int, threads: int) -> float:
+def plain_loop(steps: int, warmup: int, batch: int, max_length: int, threads: int, model_path: str) -> float:
+    """The hand-written floor: AdamW (fused on GPU), bf16 autocast on GPU, fp32 on CPU."""
+    import contextlib
+
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from orchestrator.models import resolve_model_path
 
     torch.set_num_threads(threads)
-    path = resolve_model_path("minilm")
+    path = resolve_model_path(model_path)
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=gpu)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
     lines = (DATA / "sst2" / "train.tsv").read_text().splitlines()[1:]
     rows = [line.split("\t") for line in lines[: batch * (steps + 1)]]
     model.train()
@@ -46,7 +52,9 @@ def plain_loop(steps: int, warmup: int, batch: int, max_length: int, threads: in
         chunk = rows[step * batch : (step + 1) * batch]
         enc = tokenizer([r[0] for r in chunk], truncation=True, max_length=max_length, padding=True,
                         return_tensors="pt")
-        out = model(**enc, labels=torch.tensor([int(r[1]) for r in chunk]))
+        with autocast:
+            out = model(**enc.to(device), labels=torch.tensor([int(r[1]) for r in chunk], device=device))
+        out.loss.item()  # the per-step loss read that any real loop (and the orchestrator) does
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -56,7 +64,7 @@ def plain_loop(steps: int, warmup: int, batch: int, max_length: int, threads: in
 
 
 def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: int, cpus: float, stage: int,
-                 out: Path) -> dict[str, float]:
+                 out: Path, model_path: str = "minilm") -> dict[str, float]:
     from orchestrator.config import config_from_dict
     from orchestrator.launcher import run_training
     from orchestrator.tracking import read_metrics
@@ -64,7 +72,7 @@ def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: 
     name = f"bench-w{workers}-z{stage}-{int(time.time())}"
     job = {
         "name": name,
-        "model": {"path": "minilm"},
+        "model": {"path": model_path},
         "data": {"train": {"path": str(DATA / "sst2" / "train.tsv"), "text_column": "sentence",
                            "limit": batch * (steps + 2)}, "max_length": max_length},
         "training": {"max_steps": steps, "batch_size_per_worker": batch // workers, "log_every_steps": 1,
@@ -105,22 +113,32 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--model", default="minilm", help="model folder (default: MiniLM from the demo extra)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import ray
+    import torch
 
     cpus = os.cpu_count() or 2
+    if torch.cuda.is_available():
+        cpus = min(cpus, 8)
     ray.init(num_cpus=cpus + 1, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        plain = plain_loop(args.steps, args.warmup, args.batch, args.max_length, threads=cpus)
-        one = orchestrated(args.steps, args.warmup, args.batch, args.max_length, 1, float(cpus), 0, Path(tmp))
-        two = orchestrated(args.steps, args.warmup, args.batch, args.max_length, 2, 1.0, 2, Path(tmp))
+        plain = plain_loop(args.steps, args.warmup, args.batch, args.max_length, threads=cpus, model_path=args.model)
+        one = orchestrated(args.steps, args.warmup, args.batch, args.max_length, 1, float(cpus), 0, Path(tmp),
+                           args.model)
+        # Two workers need two GPUs on a GPU machine (NCCL does not share one); on CPU they split the cores.
+        two = None
+        if torch.cuda.device_count() != 1:
+            two = orchestrated(args.steps, args.warmup, args.batch, args.max_length, 2, 1.0, 2, Path(tmp),
+                               args.model)
     result = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "plain_samples_per_s": plain,
         "orchestrator_1worker_z0": one,
         "orchestrator_2workers_z2": two,
         "ratio_1worker_vs_plain": one["samples_per_s"] / plain,
-        "ratio_2workers_vs_plain": two["samples_per_s"] / plain,
+        "ratio_2workers_vs_plain": two["samples_per_s"] / plain if two else None,
         "cpus": cpus,
         "batch": args.batch,
         "max_length": args.max_length,

@@ -61,6 +61,12 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory (slower steps)."
     )
+    torch_compile: bool = Field(
+        False,
+        description="Compile the model with torch.compile (DeepSpeed's engine.compile: inductor fuses norms, "
+        "activations and rotary embeddings on GPUs). Costs a minute or more of compilation at start; worth it "
+        "for long GPU runs, not on CPU.",
+    )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",
         description="Attention kernel: auto = transformers' default (PyTorch SDPA, which picks FlashAttention on "

@@ -191,7 +191,12 @@ def _stop_requested(stop_signal: Any, rank: int, device: torch.device) -> bool:
 
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over workers. NCCL reduces only CUDA tensors, so host tensors (eval totals) go through the GPU there."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl" and values.device.type != "cuda":
+            on_gpu = values.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            return on_gpu.to(values.device)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
@@ -440,6 +445,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
+    if config.model.torch_compile:
+        engine.compile()  # in place (nn.Module.compile): parameter names, checkpoints and export are unchanged
     setup["engine_ready"] = time.time()
     # Optional L2 pull toward the starting weights (continual retraining); taken before any checkpoint load.
     anchor = WeightAnchor.capture(engine.module, config.regularization.l2_to_start)

@@ -56,7 +56,7 @@ def ray_cluster() -> Any:
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    ray.init(num_cpus=4, include_dashboard=True, configure_logging=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=None, configure_logging=False, log_to_driver=False)  # None: when installed
     yield ray
     ray.shutdown()
 

@@ -73,6 +73,7 @@ def test_bf16_zero2_training_on_the_gpu(ray_cluster, tiny_models, shared_data, t
 
     job = tiny_job("gpu-bf16", tiny_models["bert"], shared_data, tmp_path, stage=2)
     job["scaling"].update(num_workers=1, use_gpu="auto")
+    job["tracking"]["wandb"]["mode"] = "disabled"  # the GPU path, not W&B (tested on CPU), is under test here
     result = run_training(config_from_dict(job))
     records = read_metrics(result.run_dir)
     start = next(r for r in records if r["kind"] == "start")
@@ -80,3 +81,30 @@ def test_bf16_zero2_training_on_the_gpu(ray_cluster, tiny_models, shared_data, t
     train = [r for r in records if r["kind"] == "train"]
     assert all(math.isfinite(r["train/loss"]) for r in train)
     assert train[-1]["memory/peak_cuda_allocated_mb"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_packed_causal_lm_bf16_on_the_gpu(stage, ray_cluster, tiny_models, shared_data, tmp_path) -> None:
+    from orchestrator.launcher import run_training
+    from orchestrator.tracking import read_metrics
+
+    job = tiny_job(f"gpu-lm-z{stage}", tiny_models["llama"], shared_data, tmp_path, task="causal-lm", stage=stage,
+                   lr=3e-3)
+    job["data"].update(packing=True, max_length=32)
+    job["data"]["train"]["limit"] = 1200
+    job["scaling"].update(num_workers=1, use_gpu="auto")
+    job["tracking"]["wandb"]["mode"] = "disabled"
+    result = run_training(config_from_dict(job))
+    records = read_metrics(result.run_dir)
+    start = next(r for r in records if r["kind"] == "start")
+    assert start["precision"] == "bf16"
+    train = [r for r in records if r["kind"] == "train"]
+    assert all(math.isfinite(r["train/loss"]) for r in train)
+    assert train[-1]["train/tokens_per_s"] == pytest.approx(train[-1]["train/samples_per_s"] * 32, rel=1e-6)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals[-1]["sst2/loss"] < evals[0]["sst2/loss"]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(result.final_model).config.num_hidden_layers == 2
