@@ -97,6 +97,8 @@ def run_job(job: dict[str, Any], *, warmup: int = 5) -> dict[str, Any]:
         "params_total": start.get("params_total"),
         "params_trainable": start.get("params_trainable"),
         "peak_rss_mb": max((r.get("memory/peak_rss_mb", 0.0) for r in train), default=None),
+        "resident_tensors_mb": next((r["memory/resident_tensors_mb"] for r in train
+                                     if "memory/resident_tensors_mb" in r), None),
         "rss_before_model_mb": start.get("memory/rss_before_model_mb"),
         "run_dir": str(result.run_dir),
     }

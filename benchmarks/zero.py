@@ -2,7 +2,9 @@
 
 * 1 worker x 1 CPU, stage 0: the per-worker compute rate;
 * 2 workers x 1 CPU, stages 0 (DDP-equivalent), 1, 2 and 3: throughput, peak resident memory per worker,
-  and memory above the worker's footprint before the model was loaded.
+  memory above the worker's footprint before the model was loaded, and the model states themselves: the bytes
+  of live tensors between steps (after step 1), which is what the ZeRO paper's model predicts (peak RSS also
+  holds activations, allocator caches and the libraries, and hides the differences).
 Scaling efficiency = 2-worker samples/s ÷ (2 × 1-worker samples/s); the rest is the communication and
 synchronisation share (gloo all-reduce / reduce-scatter / all-gather of 22.7M fp32 values per step).
 The ZeRO paper's model for the model states per worker (Ψ parameters, N workers, fp32 params and grads,
@@ -45,11 +47,14 @@ def main() -> None:
     psi = runs["2w_z0"]["params_total"]
     for key, res in runs.items():
         res["above_start_mb"] = res["peak_rss_mb"] - res["rss_before_model_mb"]
+        res["resident_tensors_vs_stage0"] = None
         if key.startswith("2w"):
             stage = int(key[-1])
             res["paper_model_states_mb"] = paper_model_mb(stage, psi, 2)
             res["above_start_vs_stage0"] = res["above_start_mb"] / runs["2w_z0"]["above_start_mb"]
             res["paper_vs_stage0"] = paper_model_mb(stage, psi, 2) / paper_model_mb(0, psi, 2)
+            if res.get("resident_tensors_mb") and runs["2w_z0"].get("resident_tensors_mb"):
+                res["resident_tensors_vs_stage0"] = res["resident_tensors_mb"] / runs["2w_z0"]["resident_tensors_mb"]
     efficiency = runs["2w_z2"]["samples_per_s"] / (2 * runs["1w_z0"]["samples_per_s"])
     write_result(args.out, {
         "runs": runs,

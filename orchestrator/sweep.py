@@ -366,7 +366,7 @@ def _new_tuner(plan: SweepPlan, trainable: Any, concurrency: int, *, verbose: bo
             metric=plan.metric,
             mode=plan.mode,
             scheduler=_scheduler(plan),
-            search_alg=_searcher(plan),
+            search_alg=_searcher(plan, concurrency),
             num_samples=t.num_samples,
             max_concurrent_trials=concurrency,
             time_budget_s=t.time_budget_s,
@@ -420,7 +420,11 @@ def _scheduler(plan: SweepPlan) -> Any:
     return FIFOScheduler()
 
 
-def _searcher(plan: SweepPlan) -> Any:
+def _searcher(plan: SweepPlan, concurrency: int) -> Any:
+    """The search algorithm, limited to ``concurrency`` running trials. Tune applies max_concurrent_trials only
+    to a ``Searcher`` (Optuna) and to the generator it builds itself; a seeded BasicVariantGenerator passed in is
+    not limited unless told, and would start every trial at once (their drivers then wait on each other's
+    workers)."""
     t = plan.tune
     if t.searcher == "optuna":
         try:
@@ -435,7 +439,7 @@ def _searcher(plan: SweepPlan) -> Any:
     if t.seed is not None:
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=t.seed)
+        return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
     return None
 
 

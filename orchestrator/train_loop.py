@@ -179,6 +179,28 @@ def _memory_mb(device: torch.device) -> dict[str, float]:
     return values
 
 
+def resident_tensor_mb(device: torch.device) -> float:
+    """Memory held by live tensors between steps (no activations then): the model states that the ZeRO paper
+    models (parameters, gradients, optimizer moments, fp32 partitions) plus DeepSpeed's flat buffers.
+
+    On GPUs this is the allocator's count. On CPU no allocator keeps one, so the live tensors are found through
+    the garbage collector and their storages counted once each (views share a storage); about a second for a
+    large process, so it is taken once per run."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    import gc
+
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                storage = obj.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        except Exception:  # noqa: BLE001 - exotic tensor subclasses without a plain storage are skipped
+            continue
+    return sum(seen.values()) / 2**20
+
+
 def _stop_requested(stop_signal: Any, rank: int, device: torch.device) -> bool:
     """Whether the sweep stopped this trial. Rank 0 asks; one tiny all-reduce gives every rank the same answer,
     so all of them leave the loop after the same step."""
@@ -592,6 +614,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     engine.train()
     window_loss, window_batches, window_samples, window_tokens = 0.0, 0, 0, 0
     window_extra: dict[str, float] = {}
+    once: dict[str, float] = {}  # values logged with the next train record only
     window_start = time.perf_counter()
     micro_in_step = 0
     finished = state.step >= budget.total_steps
@@ -636,6 +659,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 continue
             micro_in_step = 0
             state.step += 1
+            if state.step == 1:  # once, after the first step: the optimizer state exists from then on
+                once["memory/resident_tensors_mb"] = resident_tensor_mb(device)
             last = state.step >= budget.total_steps
             if state.step % t.log_every_steps == 0 or last:
                 elapsed = time.perf_counter() - window_start
@@ -652,10 +677,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                         "total_steps": budget.total_steps,
                         **(unfreezing.log_values(state.step - 1) if unfreezing is not None else {}),
                         **_memory_mb(device),
+                        **once,
                     },
                 )
                 window_loss, window_batches, window_samples, window_tokens = 0.0, 0, 0, 0
                 window_extra.clear()
+                once.clear()
                 window_start = time.perf_counter()
             do_eval = bool(data.evals) and (last or (t.eval_every_steps and state.step % t.eval_every_steps == 0))
             do_ckpt = last or (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0)

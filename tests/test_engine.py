@@ -237,3 +237,17 @@ def test_frozen_parameters_are_left_out(tiny_bert: torch.nn.Module) -> None:
 
     assert names
     assert not any(name.startswith("embeddings.") for name in names)
+
+
+def test_resident_tensor_memory_counts_each_storage_once() -> None:
+    from orchestrator.train_loop import resident_tensor_mb
+
+    before = resident_tensor_mb(torch.device("cpu"))
+    block = torch.zeros(4 * 2**20 // 4)  # 4 MiB of fp32
+    views = [block[:10], block.view(2, -1), block[1:]]  # views share the storage: not counted again
+
+    after = resident_tensor_mb(torch.device("cpu"))
+
+    assert 4.0 <= after - before < 4.5
+    del block, views
+    assert resident_tensor_mb(torch.device("cpu")) < after - 3.5

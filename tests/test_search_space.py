@@ -341,3 +341,29 @@ def test_sweep_command_prints_the_results_table(tmp_path, monkeypatch):
     for text in ("a_00001", "early stopped", "stopped: asha", "TrainingError: loss became nan", "0.8100"):
         assert text in result.output
     assert "best trial a_00000: sst2/accuracy 0.8100" in result.output
+
+
+@pytest.mark.parametrize("searcher", ["random", "optuna"])
+def test_at_most_the_allowed_trials_run_at_once_with_a_seeded_or_optuna_searcher(
+    searcher, tmp_path, tiny_models, shared_data
+):
+    """A seeded random search passes its own generator to Tune, which then ignores max_concurrent_trials: the
+    generator itself must carry the limit (else every trial starts at once and their drivers pile up)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    from orchestrator.sweep import _new_tuner
+    from tests.conftest import tiny_job
+
+    job = tiny_job("conc", tiny_models["bert"], shared_data, tmp_path, max_steps=4, eval_every_steps=2)
+    job["tune"] = {"search_space": {"training.lr": "uniform(1e-4, 1e-3)"}, "num_samples": 6, "seed": 0,
+                   "searcher": searcher}
+    plan = plan_sweep(config_from_dict(job))
+
+    tuner = _new_tuner(plan, lambda config: None, 2, verbose=False)
+
+    search_alg = tuner._local_tuner._tune_config.search_alg
+    if searcher == "random":
+        assert isinstance(search_alg, BasicVariantGenerator) and search_alg.max_concurrent == 2
+    else:
+        assert tuner._local_tuner._tune_config.max_concurrent_trials == 2
+        assert not isinstance(search_alg, ConcurrencyLimiter)  # Tune wraps a Searcher itself
