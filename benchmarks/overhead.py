@@ -2,6 +2,7 @@
 
 Measures steady-state training samples/s of MiniLM on SST-2 (same batch, max_length and data) for
   1. a plain PyTorch loop (AdamW, no Ray, no DeepSpeed) with all CPU threads,
+  1b. the same model and data through a DeepSpeed stage-0 engine in this process (the engine's own cost),
   2. `orchestrator train` with 1 worker (Ray Train + DeepSpeed stage 0) given all CPUs,
   3. the same with 2 workers x 1 CPU (ZeRO-2),
 and reports the ratios plus the time to the first step of (2). Steady state excludes the first
@@ -59,6 +60,47 @@ def plain_loop(steps: int, warmup: int, batch: int, max_length: int, threads: in
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    assert started is not None
+    return (steps - warmup) * batch / (time.perf_counter() - started)
+
+
+def deepspeed_loop(steps: int, warmup: int, batch: int, max_length: int, threads: int, model_path: str) -> float:
+    """The plain loop's model and data through a DeepSpeed stage-0 engine, in this process (no Ray): separates
+    the engine's own cost from Ray's (worker processes, controller, system processes sharing the CPUs)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from orchestrator.models import resolve_model_path
+
+    if not dist.is_initialized():
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    torch.set_num_threads(threads)
+    path = resolve_model_path(model_path)
+    gpu = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=gpu)
+    config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "train_batch_size": batch,
+              "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "bf16": {"enabled": gpu},
+              "steps_per_print": 10**9, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    lines = (DATA / "sst2" / "train.tsv").read_text().splitlines()[1:]
+    rows = [line.split("\t") for line in lines[: batch * (steps + 1)]]
+    engine.train()
+    started = None
+    for step in range(steps):
+        if step == warmup:
+            started = time.perf_counter()
+        chunk = rows[step * batch : (step + 1) * batch]
+        enc = tokenizer([r[0] for r in chunk], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt").to(engine.device)
+        out = engine(**enc, labels=torch.tensor([int(r[1]) for r in chunk], device=engine.device))
+        out.loss.item()
+        engine.backward(out.loss)
+        engine.step()
     assert started is not None
     return (steps - warmup) * batch / (time.perf_counter() - started)
 
@@ -125,6 +167,7 @@ def main() -> None:
     ray.init(num_cpus=cpus + 1, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         plain = plain_loop(args.steps, args.warmup, args.batch, args.max_length, threads=cpus, model_path=args.model)
+        engine_only = deepspeed_loop(args.steps, args.warmup, args.batch, args.max_length, cpus, args.model)
         one = orchestrated(args.steps, args.warmup, args.batch, args.max_length, 1, float(cpus), 0, Path(tmp),
                            args.model)
         # Two workers need two GPUs on a GPU machine (NCCL does not share one); on CPU they split the cores.
@@ -135,6 +178,8 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "plain_samples_per_s": plain,
+        "deepspeed_in_process_samples_per_s": engine_only,
+        "ratio_deepspeed_in_process_vs_plain": engine_only / plain,
         "orchestrator_1worker_z0": one,
         "orchestrator_2workers_z2": two,
         "ratio_1worker_vs_plain": one["samples_per_s"] / plain,
