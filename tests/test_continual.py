@@ -453,6 +453,9 @@ def test_evaluation_is_over_the_eval_sets_own_labels(tmp_path):
     class Reader:  # the rows are their own indices; the collator passes them on
         scanned = list(range(4))
 
+        def __len__(self):
+            return 4
+
         def get(self, i):
             return i, None, truths[i]
 
