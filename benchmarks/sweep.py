@@ -22,7 +22,7 @@ from pathlib import Path
 from common import SST2_TEST, SST2_TRAIN, start_ray, write_result
 
 
-def sweep_job(name: str, out: Path, scheduler: str, trials: int, max_t: int) -> dict:
+def sweep_job(name: str, out: Path, scheduler: str, trials: int, max_t: int, reduction_factor: int = 3) -> dict:
     return {
         "name": name,
         "model": {"path": "minilm"},
@@ -46,7 +46,7 @@ def sweep_job(name: str, out: Path, scheduler: str, trials: int, max_t: int) -> 
             "num_samples": trials,
             "searcher": "random",
             "scheduler": scheduler,
-            "asha": {"grace_period": 1, "reduction_factor": 3, "max_t": max_t},
+            "asha": {"grace_period": 1, "reduction_factor": reduction_factor, "max_t": max_t},
             "seed": 0,
             "export_best": False,
         },
@@ -65,6 +65,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--max-t", type=int, default=9, help="evals per full trial (ASHA max_t)")
+    parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA's reduction factor (Ray's default: 4)")
+    parser.add_argument("--schedulers", nargs="+", default=["asha", "none"], choices=["asha", "none"],
+                        help="arms to run; FIFO's trial-steps are trials x max_t x 12 by construction")
+    parser.add_argument("--fifo-best", type=float, default=None,
+                        help="FIFO's best metric from an earlier run of the same draws (when only asha runs)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from orchestrator.config import config_from_dict
@@ -73,9 +78,9 @@ def main() -> None:
     start_ray()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for scheduler in ("asha", "none"):
+        for scheduler in args.schedulers:
             name = f"bench-sweep-{scheduler}-{int(time.time())}"
-            job = sweep_job(name, Path(tmp), scheduler, args.trials, args.max_t)
+            job = sweep_job(name, Path(tmp), scheduler, args.trials, args.max_t, args.reduction_factor)
             started = time.time()
             result = run_sweep(config_from_dict(job), verbose=False)
             wall = time.time() - started
@@ -92,13 +97,16 @@ def main() -> None:
                             "status": t.status} for t in result.trials],
             }
             print(scheduler, json.dumps(results[list(results)[-1]], default=str)[:600], flush=True)
-    asha, fifo = results["asha"], results["fifo"]
+    asha, fifo = results.get("asha"), results.get("fifo")
+    fifo_steps = args.trials * args.max_t * 12  # every FIFO trial runs to max_t evals of 12 steps
+    fifo_best = fifo["best_metric"] if fifo else args.fifo_best
     write_result(args.out, {
         **results,
-        "trial_steps_asha_vs_fifo": asha["trial_steps"] / fifo["trial_steps"],
-        "best_metric_gap_points": 100 * (fifo["best_metric"] - asha["best_metric"]),
-        "command": f"python benchmarks/sweep.py --trials {args.trials} --max-t {args.max_t} "
-        "--out benchmarks/results/sweep.json",
+        "reduction_factor": args.reduction_factor,
+        "trial_steps_asha_vs_fifo": asha["trial_steps"] / fifo_steps if asha else None,
+        "best_metric_gap_points": 100 * (fifo_best - asha["best_metric"]) if asha and fifo_best is not None else None,
+        "command": f"python benchmarks/sweep.py --trials {args.trials} --max-t {args.max_t} --reduction-factor "
+        f"{args.reduction_factor} --schedulers {' '.join(args.schedulers)} --out benchmarks/results/sweep.json",
         "trials": args.trials, "max_t": args.max_t,
     })
 
