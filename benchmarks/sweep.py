@@ -94,7 +94,7 @@ def main() -> None:
                 "training_loop_s": in_loops,
                 "overhead_fraction": 1 - in_loops / wall,
                 "trials": [{"id": t.trial_id, "params": t.params, "steps": t.steps, "best": t.best_metric,
-                            "status": t.status} for t in result.trials],
+                            "status": t.status, "curve": t.history} for t in result.trials],
             }
             print(scheduler, json.dumps(results[list(results)[-1]], default=str)[:600], flush=True)
     asha, fifo = results.get("asha"), results.get("fifo")
