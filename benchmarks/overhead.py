@@ -19,17 +19,16 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DATA = Path(os.environ.get("DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def plain_loop(steps: int, warmup: int, batch: int, max_length: int, threads: int, model_path: str) -> float:
-    """The hand-written floor: AdamW (fused on GPU), bf16 autocast on GPU, fp32 on CPU."""
-    import contextlib
-
+def _model_and_tokenizer(threads: int, model_path: str) -> tuple[Any, Any, bool]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -37,31 +36,52 @@ def plain_loop(steps: int, warmup: int, batch: int, max_length: int, threads: in
 
     torch.set_num_threads(threads)
     path = resolve_model_path(model_path)
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=gpu)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return AutoTokenizer.from_pretrained(path), model, torch.cuda.is_available()
+
+
+def _timed_samples_per_s(step: Callable[[Any, Any], None], tokenizer: Any, device: Any, steps: int, warmup: int,
+                         batch: int, max_length: int) -> float:
+    """Run `step(inputs, labels)` on consecutive SST-2 batches (tokenized each step, as a real loop does);
+    samples/s over the steps after `warmup`."""
+    import torch
+
     lines = (DATA / "sst2" / "train.tsv").read_text().splitlines()[1:]
     rows = [line.split("\t") for line in lines[: batch * (steps + 1)]]
-    model.train()
     started = None
-    for step in range(steps):
-        if step == warmup:
+    for i in range(steps):
+        if i == warmup:
             started = time.perf_counter()
-        chunk = rows[step * batch : (step + 1) * batch]
+        chunk = rows[i * batch : (i + 1) * batch]
         enc = tokenizer([r[0] for r in chunk], truncation=True, max_length=max_length, padding=True,
                         return_tensors="pt")
+        step(enc.to(device), torch.tensor([int(r[1]) for r in chunk], device=device))
+    assert started is not None
+    return (steps - warmup) * batch / (time.perf_counter() - started)
+
+
+def plain_loop(steps: int, warmup: int, batch: int, max_length: int, threads: int, model_path: str) -> float:
+    """The hand-written floor: AdamW (fused on GPU), bf16 autocast on GPU, fp32 on CPU."""
+    import contextlib
+
+    import torch
+
+    tokenizer, model, gpu = _model_and_tokenizer(threads, model_path)
+    device = torch.device("cuda" if gpu else "cpu")
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=gpu)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+
+    def step(inputs: Any, labels: Any) -> None:
         with autocast:
-            out = model(**enc.to(device), labels=torch.tensor([int(r[1]) for r in chunk], device=device))
+            out = model(**inputs, labels=labels)
         out.loss.item()  # the per-step loss read that any real loop (and the orchestrator) does
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    assert started is not None
-    return (steps - warmup) * batch / (time.perf_counter() - started)
+
+    return _timed_samples_per_s(step, tokenizer, device, steps, warmup, batch, max_length)
 
 
 def deepspeed_loop(steps: int, warmup: int, batch: int, max_length: int, threads: int, model_path: str) -> float:
@@ -70,39 +90,25 @@ def deepspeed_loop(steps: int, warmup: int, batch: int, max_length: int, threads
     import deepspeed
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from orchestrator.models import resolve_model_path
 
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    torch.set_num_threads(threads)
-    path = resolve_model_path(model_path)
-    gpu = torch.cuda.is_available()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    tokenizer, model, gpu = _model_and_tokenizer(threads, model_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=gpu)
     config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "train_batch_size": batch,
               "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "bf16": {"enabled": gpu},
               "steps_per_print": 10**9, "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
-    lines = (DATA / "sst2" / "train.tsv").read_text().splitlines()[1:]
-    rows = [line.split("\t") for line in lines[: batch * (steps + 1)]]
     engine.train()
-    started = None
-    for step in range(steps):
-        if step == warmup:
-            started = time.perf_counter()
-        chunk = rows[step * batch : (step + 1) * batch]
-        enc = tokenizer([r[0] for r in chunk], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt").to(engine.device)
-        out = engine(**enc, labels=torch.tensor([int(r[1]) for r in chunk], device=engine.device))
+
+    def step(inputs: Any, labels: Any) -> None:
+        out = engine(**inputs, labels=labels)
         out.loss.item()
         engine.backward(out.loss)
         engine.step()
-    assert started is not None
-    return (steps - warmup) * batch / (time.perf_counter() - started)
+
+    return _timed_samples_per_s(step, tokenizer, engine.device, steps, warmup, batch, max_length)
 
 
 def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: int, cpus: float, stage: int,

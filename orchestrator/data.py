@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -563,8 +564,6 @@ def end_of_text_id(tokenizer: Any) -> int:
 
 
 def cache_root() -> Path:
-    import os
-
     return Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"))
 
 
@@ -605,8 +604,6 @@ class PackedReader:
             )
 
     def _build(self, tokenizer: Any, block_size: int, chunk_rows: int) -> np.ndarray:
-        import os
-
         rows = RowReader(self.scanned)
         documents: list[list[int]] = []
         try:
