@@ -36,7 +36,10 @@ from typing import Any
 from common import DATA, ROOT, start_ray, write_result
 
 VARIANTS = ("orch_full_z2", "orch_full_z3", "orch_lora", "hf_full_z2", "hf_lora")
-EXTRA_VARIANTS = ("orch_full_z2_compile", "hf_full_z2_compile")  # torch.compile on both sides (--variants)
+# Also accepted by --variants: a full-FT variant name with "_liger" (model.liger_kernel / use_liger_kernel: Liger's
+# fused kernels) and/or "_compile" (torch.compile) appended, on both sides, e.g. orch_full_z2_liger_compile.
+EXTRA_VARIANTS = ("orch_full_z2_compile", "hf_full_z2_compile", "orch_full_z2_liger_compile",
+                  "hf_full_z2_liger_compile")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -126,6 +129,9 @@ def run_orchestrator(variant: str, model_dir: Path, corpus: Path, out: Path, arg
     }
     if variant.endswith("_compile"):
         job["model"]["torch_compile"] = True
+    if "_liger" in variant:
+        job["model"]["liger_kernel"] = True
+    job["training"]["grad_accumulation"] = args.grad_accum
     if variant == "orch_lora":
         job["method"] = "lora"
         job["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": LORA_TARGETS}
@@ -135,7 +141,7 @@ def run_orchestrator(variant: str, model_dir: Path, corpus: Path, out: Path, arg
     records = read_metrics(out / name)
     start = next(r for r in records if r["kind"] == "start")
     train = [r for r in records if r["kind"] == "train"]
-    result = steady_rate([r["time"] for r in train], args.warmup, args.batch * args.seq)
+    result = steady_rate([r["time"] for r in train], args.warmup, args.batch * args.seq * args.grad_accum)
     result.update(
         time_to_first_step_s=train[0]["time"] - launched,
         peak_cuda_mb=max((r.get("memory/peak_cuda_allocated_mb", 0.0) for r in train), default=0.0),
@@ -160,7 +166,7 @@ def hf_trainer_worker(variant: str, model_dir: Path, corpus: Path, args: argpars
     gpu = torch.cuda.is_available()
     tokenizer = load_tokenizer(str(model_dir))
     texts = corpus.read_text(encoding="utf-8").splitlines()[1:]
-    needed = (args.steps + 2) * args.batch * args.seq
+    needed = (args.steps + 2) * args.batch * args.seq * args.grad_accum
     documents, tokens = [], 0
     for start in range(0, len(texts), 4096):  # tokenize only as much text as the run consumes
         ids = tokenizer(texts[start : start + 4096], add_special_tokens=False)["input_ids"]
@@ -199,15 +205,16 @@ def hf_trainer_worker(variant: str, model_dir: Path, corpus: Path, args: argpars
 
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=lr,
+            output_dir=tmp, per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_accum,
+            max_steps=args.steps, learning_rate=lr,
             lr_scheduler_type="linear", weight_decay=0.01, max_grad_norm=1.0, bf16=gpu, logging_steps=1,
             save_strategy="no", report_to=[], optim="adamw_torch_fused" if gpu else "adamw_torch",
             deepspeed=ds_config, dataloader_drop_last=True, disable_tqdm=True, use_cpu=not gpu,
-            torch_compile=variant.endswith("_compile"),
+            torch_compile=variant.endswith("_compile"), use_liger_kernel="_liger" in variant,
         )
         trainer = Trainer(model=model, args=training_args, train_dataset=Blocks(), callbacks=[Clock()])
         trainer.train()
-    result = steady_rate(step_times, args.warmup, args.batch * args.seq)
+    result = steady_rate(step_times, args.warmup, args.batch * args.seq * args.grad_accum)
     result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0
     result["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["final_loss"] = next(
@@ -225,6 +232,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (both sides)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -258,7 +266,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--hf-worker", variant, "--model-dir", str(model_dir),
                        "--corpus", str(corpus)] + [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                                                    ("layers", "hidden", "intermediate", "heads", "seq", "batch",
-                                                    "steps", "warmup")] + [f"--kv-heads={args.kv_heads}"]
+                                                    "steps", "warmup", "grad-accum")] + [f"--kv-heads={args.kv_heads}"]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("HF_RESULT ")), None)
                 if line is None:
@@ -275,17 +283,16 @@ def main() -> None:
         if args.out:  # partial results survive a run cut short
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".partial.json").write_text(json.dumps({"counts": counts, **results}, indent=1))
-    pairs = (("orch_full_z2", "hf_full_z2"), ("orch_full_z3", "hf_full_z2"), ("orch_lora", "hf_lora"),
-             ("orch_full_z2_compile", "hf_full_z2_compile"))
+    pairs = [("orch_full_z3", "hf_full_z2")] + [(v, "hf_" + v[len("orch_"):]) for v in results if v.startswith("orch_")]
     for variant, baseline in pairs:
         if "tokens_per_s" in results.get(variant, {}) and "tokens_per_s" in results.get(baseline, {}):
             results[variant]["vs_hf_trainer"] = results[variant]["tokens_per_s"] / results[baseline]["tokens_per_s"]
     write_result(args.out, {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads")} | counts,
-        "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+        "seq": args.seq, "batch": args.batch, "grad_accum": args.grad_accum, "steps": args.steps, "warmup": args.warmup,
         "peak_tflops": args.peak_tflops, "variants": results,
-        "command": "python benchmarks/gpu_llm.py --out benchmarks/results/gpu_llm.json",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
     })
 
 

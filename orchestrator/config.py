@@ -72,6 +72,13 @@ class ModelConfig(_Section):
         description="Attention kernel: auto = transformers' default (PyTorch SDPA, which picks FlashAttention on "
         "GPUs where it applies); flash_attention_2 needs the flash-attn package on the workers.",
     )
+    liger_kernel: bool = Field(
+        False,
+        description="causal-lm on GPU workers: swap in Liger's Triton kernels (RMSNorm, RoPE, SwiGLU and a fused "
+        "linear + cross-entropy that never materializes the vocabulary-sized logits) for the architectures Liger "
+        "supports (Llama, Mistral, Qwen, Gemma, ...). Needs the liger-kernel package (extra 'gpu'); not with "
+        "deepspeed.stage 3 or method distill.",
+    )
     grow_head: bool = Field(
         False,
         description="sequence-classification: keep the classifier of model.path for its own labels and add "
@@ -671,6 +678,22 @@ class JobConfig(_Section):
                 "output.keep_checkpoints_by: best scores every checkpoint by an eval at its step; set "
                 "training.checkpoint_every_steps to a multiple of training.eval_every_steps"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _liger_fits(self) -> JobConfig:
+        if not self.model.liger_kernel:
+            return self
+        if self.model.task != "causal-lm":
+            raise ValueError("model.liger_kernel: Liger's kernels are for causal-lm models; set it false for "
+                             f"model.task {self.model.task}")
+        if self.deepspeed.stage == 3:
+            # Liger's fused loss reads lm_head.weight without calling lm_head, so ZeRO-3 never gathers it.
+            raise ValueError("model.liger_kernel: its fused linear + cross-entropy reads the LM head's weight "
+                             "outside the head's forward, which ZeRO-3 partitions; use deepspeed.stage 0, 1 or 2")
+        if self.method == "distill":
+            raise ValueError("model.liger_kernel: distillation needs the student's logits, which Liger's fused "
+                             "loss never materializes; set it false for method distill")
         return self
 
     @model_validator(mode="after")

@@ -144,6 +144,11 @@ def check_cluster_fits(config: JobConfig) -> bool:
     for name, amount in s.resources_per_worker.items():
         if s.num_workers * amount > total.get(name, 0.0):
             problems.append(f"scaling.resources_per_worker.{name}: the cluster has {total.get(name, 0):g} in all")
+    if config.model.liger_kernel and not use_gpu:
+        problems.append(
+            "model.liger_kernel: Liger's Triton kernels run on GPU workers only, and this job's workers have none; "
+            "set model.liger_kernel: false (or scaling.use_gpu: true on a cluster with GPUs)"
+        )
     if problems:
         raise OrchestratorError("the job can never be scheduled on this cluster:\n  - " + "\n  - ".join(problems))
     return use_gpu

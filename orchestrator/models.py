@@ -214,3 +214,32 @@ def load_model(
     if task == "causal-lm":
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     raise ModelError(f"model.task: unknown task {task!r}")
+
+
+def apply_liger_kernel(model: Any) -> None:
+    """Swap Liger's Triton kernels into a loaded causal LM, in place (``model.liger_kernel``).
+
+    Liger (the library HF Trainer's ``use_liger_kernel`` calls) replaces RMSNorm, RoPE and SwiGLU and makes the
+    forward compute its training loss with a fused, chunked linear + cross-entropy, so the vocabulary-sized
+    logits (and their fp32 copy) are never materialized. Called before the optimizer and DeepSpeed see the model.
+
+    Raises:
+        ModelError: the package is missing, or Liger has no kernels for this architecture.
+    """
+    try:
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
+    except ImportError as exc:
+        raise ModelError(
+            "model.liger_kernel needs the liger-kernel package on every worker: pip install "
+            "'orchestrator[gpu]' (or liger-kernel), or set model.liger_kernel: false"
+        ) from exc
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ModelError(
+            f"model.liger_kernel: Liger has no kernels for model type {model_type!r} (it has: "
+            f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); set model.liger_kernel: false"
+        )
+    _apply_liger_kernel_to_instance(model=model)

@@ -44,7 +44,7 @@ from orchestrator.errors import TrainingError
 from orchestrator.export import export_hf_folder
 from orchestrator.layers import LayerGroups, find_layer_groups
 from orchestrator.methods import MethodContext, get_method
-from orchestrator.models import load_model, load_tokenizer
+from orchestrator.models import apply_liger_kernel, load_model, load_tokenizer
 from orchestrator.reshard import (
     convert_to_universal,
     global_batch_warning,
@@ -410,6 +410,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         grow_head=config.model.grow_head,
         attn_implementation=config.model.attn_implementation,
     )
+    if config.model.liger_kernel:
+        apply_liger_kernel(model)
     if precision == "fp32":
         model.float()  # a checkpoint saved in half precision trains with fp32 weights when no mixed precision runs
     if config.model.gradient_checkpointing:

@@ -65,6 +65,46 @@ def test_use_gpu_auto_follows_the_cluster_and_picks_nccl(cluster_gpus, setting, 
     assert trainer.backend_config.backend == ("nccl" if expected else "gloo")
 
 
+@pytest.mark.parametrize(("change", "field"), [
+    ({"deepspeed": {"stage": 3}}, "ZeRO-3"),
+    ({"model": {"task": "sequence-classification"}}, "causal-lm"),
+])
+def test_liger_kernel_is_refused_where_it_cannot_work(change, field, tiny_models, shared_data, tmp_path) -> None:
+    from orchestrator.errors import ConfigError
+
+    job = tiny_job("liger", tiny_models["llama"], shared_data, tmp_path, task="causal-lm", stage=2)
+    job["model"]["liger_kernel"] = True
+    for section, values in change.items():
+        job[section].update(values)
+    with pytest.raises(ConfigError, match=rf"model.liger_kernel(.|\n)*{field}"):
+        config_from_dict(job)
+
+
+def test_liger_kernel_on_a_cluster_without_gpus_fails_before_taking_resources(tiny_models, shared_data, tmp_path,
+                                                                               monkeypatch) -> None:
+    import ray
+
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.launcher import check_cluster_fits
+
+    job = tiny_job("liger-cpu", tiny_models["llama"], shared_data, tmp_path, task="causal-lm", stage=2)
+    job["model"]["liger_kernel"] = True
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
+    with pytest.raises(OrchestratorError, match="model.liger_kernel: .* GPU workers only"):
+        check_cluster_fits(config_from_dict(job))
+
+
+def test_liger_kernel_names_what_is_missing_for_an_unsupported_model(tiny_models) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from orchestrator.errors import ModelError
+    from orchestrator.models import apply_liger_kernel
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
+    with pytest.raises(ModelError, match="model.liger_kernel"):  # no package here, or no kernels for BERT
+        apply_liger_kernel(model)
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_bf16_zero2_training_on_the_gpu(ray_cluster, tiny_models, shared_data, tmp_path) -> None:
@@ -85,13 +125,16 @@ def test_bf16_zero2_training_on_the_gpu(ray_cluster, tiny_models, shared_data, t
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_packed_causal_lm_bf16_on_the_gpu(stage, ray_cluster, tiny_models, shared_data, tmp_path) -> None:
+@pytest.mark.parametrize(("stage", "liger"), [(2, False), (3, False), (2, True)])
+def test_packed_causal_lm_bf16_on_the_gpu(stage, liger, ray_cluster, tiny_models, shared_data, tmp_path) -> None:
     from orchestrator.launcher import run_training
     from orchestrator.tracking import read_metrics
 
+    if liger:
+        pytest.importorskip("liger_kernel")
     job = tiny_job(f"gpu-lm-z{stage}", tiny_models["llama"], shared_data, tmp_path, task="causal-lm", stage=stage,
                    lr=3e-3)
+    job["model"]["liger_kernel"] = liger
     job["data"].update(packing=True, max_length=32)
     job["data"]["train"]["limit"] = 1200
     job["scaling"].update(num_workers=1, use_gpu="auto")
