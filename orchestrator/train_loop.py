@@ -44,7 +44,7 @@ from orchestrator.errors import TrainingError
 from orchestrator.export import export_hf_folder
 from orchestrator.layers import LayerGroups, find_layer_groups
 from orchestrator.methods import MethodContext, get_method
-from orchestrator.models import apply_liger_kernel, load_model, load_tokenizer
+from orchestrator.models import apply_liger_kernel, compile_blocks, load_model, load_tokenizer
 from orchestrator.reshard import (
     convert_to_universal,
     global_batch_warning,
@@ -411,7 +411,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         attn_implementation=config.model.attn_implementation,
     )
     if config.model.liger_kernel:
-        apply_liger_kernel(model)
+        apply_liger_kernel(model, fused_loss_only=config.model.torch_compile)
     if precision == "fp32":
         model.float()  # a checkpoint saved in half precision trains with fp32 weights when no mixed precision runs
     if config.model.gradient_checkpointing:
@@ -469,7 +469,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
-    if config.model.torch_compile:
+    if config.model.torch_compile and config.model.liger_kernel:
+        compile_blocks(engine.module)  # not the whole model: see compile_blocks
+    elif config.model.torch_compile:
         engine.compile()  # in place (nn.Module.compile): parameter names, checkpoints and export are unchanged
     setup["engine_ready"] = time.time()
     # Optional L2 pull toward the starting weights (continual retraining); taken before any checkpoint load.

@@ -125,8 +125,10 @@ def test_bf16_zero2_training_on_the_gpu(ray_cluster, tiny_models, shared_data, t
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "liger"), [(2, False), (3, False), (2, True)])
-def test_packed_causal_lm_bf16_on_the_gpu(stage, liger, ray_cluster, tiny_models, shared_data, tmp_path) -> None:
+@pytest.mark.parametrize(("stage", "liger", "compiled"), [(2, False, False), (3, False, False), (2, True, False),
+                                                         (2, True, True)])
+def test_packed_causal_lm_bf16_on_the_gpu(stage, liger, compiled, ray_cluster, tiny_models, shared_data,
+                                          tmp_path) -> None:
     from orchestrator.launcher import run_training
     from orchestrator.tracking import read_metrics
 
@@ -134,7 +136,7 @@ def test_packed_causal_lm_bf16_on_the_gpu(stage, liger, ray_cluster, tiny_models
         pytest.importorskip("liger_kernel")
     job = tiny_job(f"gpu-lm-z{stage}", tiny_models["llama"], shared_data, tmp_path, task="causal-lm", stage=stage,
                    lr=3e-3)
-    job["model"]["liger_kernel"] = liger
+    job["model"].update(liger_kernel=liger, torch_compile=compiled)
     job["data"].update(packing=True, max_length=32)
     job["data"]["train"]["limit"] = 1200
     job["scaling"].update(num_workers=1, use_gpu="auto")
