@@ -52,13 +52,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     data = json.loads(args.result.read_text())
-    max_t, steps_per_eval = data["max_t"], 12
+    max_t, steps_per_eval = data["max_t"], data.get("steps_per_eval", 12)
     curves = [[value for _, value in t["curve"]] for t in data["fifo"]["trials"]]
     result: dict[str, Any] = {"fifo_trial_steps": len(curves) * max_t * steps_per_eval,
                               "fifo_best": max(t["best"] for t in data["fifo"]["trials"])}
     if args.check:
         measured = data["asha"]
-        again = replay(curves, reduction_factor=data.get("reduction_factor", 3), grace_period=1, max_t=max_t,
+        again = replay(curves, reduction_factor=data.get("reduction_factor", 3),
+                       grace_period=data.get("grace_period", 1), max_t=max_t,
                        steps_per_eval=steps_per_eval)
         result["check"] = {"replayed_trial_steps": again["trial_steps"],
                            "measured_trial_steps": measured["trial_steps"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,18 +23,20 @@ from pathlib import Path
 from common import SST2_TEST, SST2_TRAIN, start_ray, write_result
 
 
-def sweep_job(name: str, out: Path, scheduler: str, trials: int, max_t: int, reduction_factor: int = 3) -> dict:
+def sweep_job(name: str, out: Path, scheduler: str, trials: int, max_t: int, reduction_factor: int = 3,
+              grace_period: int = 1, steps_per_eval: int = 12, checkpoint_every_steps: int | None = None) -> dict:
+    every = steps_per_eval
     return {
         "name": name,
         "model": {"path": "minilm"},
         "data": {
-            "train": {"path": str(SST2_TRAIN), "text_column": "sentence", "limit": max_t * 12 * 16},
+            "train": {"path": str(SST2_TRAIN), "text_column": "sentence", "limit": max_t * every * 16},
             "eval": [{"name": "sst2", "path": str(SST2_TEST), "text_column": "sentence", "limit": 300}],
             "max_length": 64,
             "label_names": ["negative", "positive"],
         },
-        "training": {"epochs": 1, "batch_size_per_worker": 16, "warmup_ratio": 0.1, "eval_every_steps": 12,
-                     "checkpoint_every_steps": 12, "log_every_steps": 12, "lr": 5e-5},
+        "training": {"epochs": 1, "batch_size_per_worker": 16, "warmup_ratio": 0.1, "eval_every_steps": every,
+                     "checkpoint_every_steps": checkpoint_every_steps or every, "log_every_steps": every, "lr": 5e-5},
         "unfreeze": {"kind": "gradual", "every_steps": 5, "lr_decay": 0.8},
         "deepspeed": {"stage": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": float(os.cpu_count() or 2)},
@@ -46,7 +49,7 @@ def sweep_job(name: str, out: Path, scheduler: str, trials: int, max_t: int, red
             "num_samples": trials,
             "searcher": "random",
             "scheduler": scheduler,
-            "asha": {"grace_period": 1, "reduction_factor": reduction_factor, "max_t": max_t},
+            "asha": {"grace_period": grace_period, "reduction_factor": reduction_factor, "max_t": max_t},
             "seed": 0,
             "export_best": False,
         },
@@ -66,6 +69,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--max-t", type=int, default=9, help="evals per full trial (ASHA max_t)")
     parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA's reduction factor (Ray's default: 4)")
+    parser.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung, in evals")
+    parser.add_argument("--steps-per-eval", type=int, default=12, help="training steps per eval (one ASHA time unit)")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="steps between checkpoints (default: every eval; ASHA and FIFO need none)")
     parser.add_argument("--schedulers", nargs="+", default=["asha", "none"], choices=["asha", "none"],
                         help="arms to run; FIFO's trial-steps are trials x max_t x 12 by construction")
     parser.add_argument("--fifo-best", type=float, default=None,
@@ -80,7 +87,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scheduler in args.schedulers:
             name = f"bench-sweep-{scheduler}-{int(time.time())}"
-            job = sweep_job(name, Path(tmp), scheduler, args.trials, args.max_t, args.reduction_factor)
+            job = sweep_job(name, Path(tmp), scheduler, args.trials, args.max_t, args.reduction_factor,
+                            args.grace_period, args.steps_per_eval, args.checkpoint_every)
             started = time.time()
             result = run_sweep(config_from_dict(job), verbose=False)
             wall = time.time() - started
@@ -98,15 +106,18 @@ def main() -> None:
             }
             print(scheduler, json.dumps(results[list(results)[-1]], default=str)[:600], flush=True)
     asha, fifo = results.get("asha"), results.get("fifo")
-    fifo_steps = args.trials * args.max_t * 12  # every FIFO trial runs to max_t evals of 12 steps
+    fifo_steps = args.trials * args.max_t * args.steps_per_eval  # every FIFO trial runs to max_t evals
     fifo_best = fifo["best_metric"] if fifo else args.fifo_best
+    import torch
+
     write_result(args.out, {
         **results,
-        "reduction_factor": args.reduction_factor,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs",
+        "reduction_factor": args.reduction_factor, "grace_period": args.grace_period,
+        "steps_per_eval": args.steps_per_eval,
         "trial_steps_asha_vs_fifo": asha["trial_steps"] / fifo_steps if asha else None,
         "best_metric_gap_points": 100 * (fifo_best - asha["best_metric"]) if asha and fifo_best is not None else None,
-        "command": f"python benchmarks/sweep.py --trials {args.trials} --max-t {args.max_t} --reduction-factor "
-        f"{args.reduction_factor} --schedulers {' '.join(args.schedulers)} --out benchmarks/results/sweep.json",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "trials": args.trials, "max_t": args.max_t,
     })
 
