@@ -23,8 +23,16 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return "fp32"
 
 
-def build_deepspeed_config(config: JobConfig, *, world_size: int, precision: str) -> dict[str, Any]:
-    """The DeepSpeed config for a job; a user's raw JSON (deepspeed.config_file) overrides its keys."""
+def build_deepspeed_config(
+    config: JobConfig, *, world_size: int, precision: str, hidden_size: int | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config for a job; a user's raw JSON (deepspeed.config_file) overrides its keys.
+
+    ``hidden_size`` (the model's width d) sizes ZeRO-3's buckets as HF's "auto" does: reduce bucket d², prefetch
+    bucket 0.9 d², parameters under 10 d elements left unpartitioned. DeepSpeed's defaults (500M-element
+    reduce bucket, 50M prefetch) are sized for 100B-parameter models: the reduce bucket alone is 2 GB of fp32,
+    allocated up front on every worker (measured: MiniLM's ZeRO-3 workers held 2.1 GB of tensors for a 23M model).
+    """
     ds = config.deepspeed
     t = config.training
     zero: dict[str, Any] = {"stage": ds.stage}
@@ -33,6 +41,12 @@ def build_deepspeed_config(config: JobConfig, *, world_size: int, precision: str
     if ds.stage == 3:
         # Gather sharded weights layer by layer to rank 0 when exporting a HF folder.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if hidden_size:
+            zero.update(
+                reduce_bucket_size=hidden_size * hidden_size,
+                stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+                stage3_param_persistence_threshold=10 * hidden_size,
+            )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:

@@ -463,12 +463,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             budget.total_steps,
             wrap=lambda base, group: GroupLR(base, unfreezing.schedule, group["layer_group"]),
         )
-    ds_config = build_deepspeed_config(config, world_size=world_size, precision=precision)
+    ds_config = build_deepspeed_config(config, world_size=world_size, precision=precision,
+                                       hidden_size=getattr(model.config, "hidden_size", None))
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
+    if world_size == 1 and engine.zero_optimization_stage() == 0:
+        # One worker has nothing to average: skip DeepSpeed's flatten + all-reduce + unflatten of every gradient
+        # after each backward (measured ~9% of a MiniLM step on 2 CPUs with the engine's other bookkeeping).
+        engine.enable_backward_allreduce = False
     if config.model.torch_compile and config.model.liger_kernel:
         compile_blocks(engine.module)  # not the whole model: see compile_blocks
     elif config.model.torch_compile:

@@ -112,6 +112,21 @@ def test_zero_stage_keys(stage: int) -> None:
     assert "offload_param" not in zero
 
 
+def test_zero3_buckets_are_sized_from_the_model_width_and_overrides_still_win() -> None:
+    zero = build_deepspeed_config(job(deepspeed={"stage": 3}), world_size=2, precision="fp32",
+                                  hidden_size=384)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 384 * 384
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 384 * 384)
+    assert zero["stage3_param_persistence_threshold"] == 3840
+
+    stage2 = build_deepspeed_config(job(deepspeed={"stage": 2}), world_size=2, precision="fp32", hidden_size=384)
+    assert "reduce_bucket_size" not in stage2["zero_optimization"]  # DeepSpeed's ZeRO-2 buckets are lazy
+
+    mine = job(deepspeed={"stage": 3, "overrides": {"zero_optimization": {"reduce_bucket_size": 12345}}})
+    zero = build_deepspeed_config(mine, world_size=2, precision="fp32", hidden_size=384)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 12345
+
+
 def test_offload_keys_put_state_on_cpu() -> None:
     config = job(deepspeed={"stage": 3, "offload_optimizer": True, "offload_params": True})
 
