@@ -499,7 +499,8 @@ class DeepSpeedSection(_Section):
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config keys merged last (e.g. {zero_optimization: "
-        "{stage3_param_persistence_threshold: 0}}).",
+        "{stage3_param_persistence_threshold: 0}}). Stage 3's buckets default to sizes from the model's hidden size "
+        "d (reduce d², prefetch 0.9 d², persistence threshold 10 d); set them here to override.",
     )
 
     @model_validator(mode="after")
