@@ -153,3 +153,16 @@ def test_packed_causal_lm_bf16_on_the_gpu(stage, liger, compiled, ray_cluster, t
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(result.final_model).config.num_hidden_layers == 2
+
+
+def test_compile_blocks_compiles_each_transformer_block_and_nothing_above(tiny_models, monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.models import compile_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+
+    assert compile_blocks(model) == 2
+    assert compiled == list(model.model.layers)  # the loss (Liger's fused one) stays outside every graph
