@@ -49,11 +49,17 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=int, default=4)
     parser.add_argument("--grace-period", type=int, default=1)
     parser.add_argument("--check", action="store_true", help="first reproduce the measured ASHA arm")
+    parser.add_argument("--grid", action="store_true", help="replay reduction factors 2-4 x grace periods 1-4")
+    parser.add_argument("--stand-in", action="append", default=[], metavar="I=J",
+                        help="use trial J's curve for trial I (a curve that was not recorded in full)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     data = json.loads(args.result.read_text())
     max_t, steps_per_eval = data["max_t"], data.get("steps_per_eval", 12)
     curves = [[value for _, value in t["curve"]] for t in data["fifo"]["trials"]]
+    for pair in args.stand_in:
+        missing, twin = (int(x) for x in pair.split("="))
+        curves[missing] = list(curves[twin])
     result: dict[str, Any] = {"fifo_trial_steps": len(curves) * max_t * steps_per_eval,
                               "fifo_best": max(t["best"] for t in data["fifo"]["trials"])}
     if args.check:
@@ -67,6 +73,16 @@ def main() -> None:
         if again["trial_steps"] != measured["trial_steps"]:
             print(json.dumps(result, indent=2))
             raise SystemExit("the replay does not reproduce the measured ASHA arm; its other figures are not valid")
+    if args.grid:
+        best = max(max(c) for c in curves)
+        result["grid"] = []
+        for factor in (2, 3, 4):
+            for grace in (1, 2, 3, 4):
+                r = replay(curves, reduction_factor=factor, grace_period=grace, max_t=max_t,
+                           steps_per_eval=steps_per_eval)
+                result["grid"].append({"reduction_factor": factor, "grace_period": grace,
+                                       "vs_fifo": r["trial_steps"] / result["fifo_trial_steps"],
+                                       "gap_points": 100 * (best - r["best_metric"])})
     result["replay"] = replay(curves, reduction_factor=args.reduction_factor, grace_period=args.grace_period,
                               max_t=max_t, steps_per_eval=steps_per_eval)
     result["replay"]["vs_fifo"] = result["replay"]["trial_steps"] / result["fifo_trial_steps"]
