@@ -379,6 +379,14 @@ def _upload_part_then_fail(checkpoint: Any, checkpoint_dir_name: str) -> Any:
     )
 
 
+def model_width(model: torch.nn.Module) -> int | None:
+    """The widest hidden size among the HF models inside ``model`` (a distillation module holds a student and a
+    teacher; a PEFT model wraps one), for sizing ZeRO-3's buckets; None when no submodule has a config."""
+    widths = [m.config.hidden_size for m in model.modules()
+              if isinstance(getattr(getattr(m, "config", None), "hidden_size", None), int)]
+    return max(widths, default=None)
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Entry point run by every Ray Train worker (see ``orchestrator.launcher``)."""
     setup = {"worker_entry": time.time()}  # where start-up time goes, logged with the start record
@@ -464,7 +472,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             wrap=lambda base, group: GroupLR(base, unfreezing.schedule, group["layer_group"]),
         )
     ds_config = build_deepspeed_config(config, world_size=world_size, precision=precision,
-                                       hidden_size=getattr(model.config, "hidden_size", None))
+                                       hidden_size=model_width(model))
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(

@@ -266,3 +266,23 @@ def test_resident_tensor_memory_counts_each_storage_once() -> None:
     assert 4.0 <= after - before < 4.5
     del block, views
     assert resident_tensor_mb(torch.device("cpu")) < after - 3.5
+
+
+def test_model_width_sees_through_wrappers_to_the_widest_model(tiny_models) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from orchestrator.train_loop import model_width
+
+    student = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
+    teacher.config.hidden_size = 96  # only the recorded width matters here
+
+    class Pair(torch.nn.Module):  # like a distillation module: no config of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.student, self.teacher = student, teacher
+
+    assert model_width(Pair()) == 96
+    assert model_width(student) == student.config.hidden_size
+    assert model_width(torch.nn.Linear(2, 2)) is None
