@@ -73,20 +73,20 @@ def main() -> None:
         if again["trial_steps"] != measured["trial_steps"]:
             print(json.dumps(result, indent=2))
             raise SystemExit("the replay does not reproduce the measured ASHA arm; its other figures are not valid")
+
+    def scored(reduction_factor: int, grace_period: int) -> dict[str, Any]:
+        r = replay(curves, reduction_factor=reduction_factor, grace_period=grace_period, max_t=max_t,
+                   steps_per_eval=steps_per_eval)
+        return r | {"vs_fifo": r["trial_steps"] / result["fifo_trial_steps"],
+                    "gap_points": 100 * (result["fifo_best"] - r["best_metric"])}
+
     if args.grid:
-        best = max(max(c) for c in curves)
-        result["grid"] = []
-        for factor in (2, 3, 4):
-            for grace in (1, 2, 3, 4):
-                r = replay(curves, reduction_factor=factor, grace_period=grace, max_t=max_t,
-                           steps_per_eval=steps_per_eval)
-                result["grid"].append({"reduction_factor": factor, "grace_period": grace,
-                                       "vs_fifo": r["trial_steps"] / result["fifo_trial_steps"],
-                                       "gap_points": 100 * (best - r["best_metric"])})
-    result["replay"] = replay(curves, reduction_factor=args.reduction_factor, grace_period=args.grace_period,
-                              max_t=max_t, steps_per_eval=steps_per_eval)
-    result["replay"]["vs_fifo"] = result["replay"]["trial_steps"] / result["fifo_trial_steps"]
-    result["replay"]["gap_points"] = 100 * (result["fifo_best"] - result["replay"]["best_metric"])
+        result["grid"] = [
+            {"reduction_factor": factor, "grace_period": grace}
+            | {k: v for k, v in scored(factor, grace).items() if k in ("vs_fifo", "gap_points")}
+            for factor in (2, 3, 4) for grace in (1, 2, 3, 4)
+        ]
+    result["replay"] = scored(args.reduction_factor, args.grace_period)
     result["settings"] = {"reduction_factor": args.reduction_factor, "grace_period": args.grace_period, "max_t": max_t}
     text = json.dumps(result, indent=2)
     print(text)

@@ -20,6 +20,11 @@ SST2_TRAIN = DATA / "sst2" / "train.tsv"
 SST2_TEST = DATA / "sst2" / "test.tsv"
 
 
+def command_line() -> str:
+    """The command that ran this benchmark, as the README shows it (relative to the repo root)."""
+    return "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+
+
 def start_ray(extra_cpus: int = 1) -> None:
     """A local Ray cluster sized to this machine (one logical CPU more, for drivers that reserve one)."""
     import ray

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DATA, ROOT, start_ray, write_result
+from common import DATA, ROOT, command_line, start_ray, write_result
 
 VARIANTS = ("orch_full_z2", "orch_full_z3", "orch_lora", "hf_full_z2", "hf_lora")
 # Also accepted by --variants: a full-FT variant name with "_liger" (model.liger_kernel / use_liger_kernel: Liger's
@@ -97,6 +97,11 @@ def flops_per_token(args: argparse.Namespace, counts: dict[str, int], lora: bool
     return (4 if lora else 6) * n + 12 * args.layers * args.hidden * args.seq
 
 
+def tokens_per_step(args: argparse.Namespace) -> int:
+    """Tokens in one optimizer step: micro-batch x sequence x gradient accumulation (packed: no padding)."""
+    return args.batch * args.seq * args.grad_accum
+
+
 def steady_rate(times: list[float], warmup: int, tokens_per_step: int) -> dict[str, float]:
     """Tokens/s over the steps after `warmup` (times: wall clock at the end of each step, in order)."""
     if len(times) <= warmup + 1:
@@ -141,7 +146,7 @@ def run_orchestrator(variant: str, model_dir: Path, corpus: Path, out: Path, arg
     records = read_metrics(out / name)
     start = next(r for r in records if r["kind"] == "start")
     train = [r for r in records if r["kind"] == "train"]
-    result = steady_rate([r["time"] for r in train], args.warmup, args.batch * args.seq * args.grad_accum)
+    result = steady_rate([r["time"] for r in train], args.warmup, tokens_per_step(args))
     result.update(
         time_to_first_step_s=train[0]["time"] - launched,
         peak_cuda_mb=max((r.get("memory/peak_cuda_allocated_mb", 0.0) for r in train), default=0.0),
@@ -166,7 +171,7 @@ def hf_trainer_worker(variant: str, model_dir: Path, corpus: Path, args: argpars
     gpu = torch.cuda.is_available()
     tokenizer = load_tokenizer(str(model_dir))
     texts = corpus.read_text(encoding="utf-8").splitlines()[1:]
-    needed = (args.steps + 2) * args.batch * args.seq * args.grad_accum
+    needed = (args.steps + 2) * tokens_per_step(args)
     documents, tokens = [], 0
     for start in range(0, len(texts), 4096):  # tokenize only as much text as the run consumes
         ids = tokenizer(texts[start : start + 4096], add_special_tokens=False)["input_ids"]
@@ -214,7 +219,7 @@ def hf_trainer_worker(variant: str, model_dir: Path, corpus: Path, args: argpars
         )
         trainer = Trainer(model=model, args=training_args, train_dataset=Blocks(), callbacks=[Clock()])
         trainer.train()
-    result = steady_rate(step_times, args.warmup, args.batch * args.seq * args.grad_accum)
+    result = steady_rate(step_times, args.warmup, tokens_per_step(args))
     result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0
     result["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["final_loss"] = next(
@@ -292,7 +297,7 @@ def main() -> None:
         "model": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads")} | counts,
         "seq": args.seq, "batch": args.batch, "grad_accum": args.grad_accum, "steps": args.steps, "warmup": args.warmup,
         "peak_tflops": args.peak_tflops, "variants": results,
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "command": command_line(),
     })
 
 

@@ -15,28 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import SST2_TEST, SST2_TRAIN, start_ray, write_result
+from common import SST2_TEST, SST2_TRAIN, command_line, start_ray, write_result
 
 
 def sweep_job(name: str, out: Path, scheduler: str, trials: int, max_t: int, reduction_factor: int = 3,
               grace_period: int = 1, steps_per_eval: int = 12, checkpoint_every_steps: int | None = None) -> dict:
-    every = steps_per_eval
     return {
         "name": name,
         "model": {"path": "minilm"},
         "data": {
-            "train": {"path": str(SST2_TRAIN), "text_column": "sentence", "limit": max_t * every * 16},
+            "train": {"path": str(SST2_TRAIN), "text_column": "sentence", "limit": max_t * steps_per_eval * 16},
             "eval": [{"name": "sst2", "path": str(SST2_TEST), "text_column": "sentence", "limit": 300}],
             "max_length": 64,
             "label_names": ["negative", "positive"],
         },
-        "training": {"epochs": 1, "batch_size_per_worker": 16, "warmup_ratio": 0.1, "eval_every_steps": every,
-                     "checkpoint_every_steps": checkpoint_every_steps or every, "log_every_steps": every, "lr": 5e-5},
+        "training": {"epochs": 1, "batch_size_per_worker": 16, "warmup_ratio": 0.1, "eval_every_steps": steps_per_eval,
+                     "checkpoint_every_steps": checkpoint_every_steps or steps_per_eval,
+                     "log_every_steps": steps_per_eval, "lr": 5e-5},
         "unfreeze": {"kind": "gradual", "every_steps": 5, "lr_decay": 0.8},
         "deepspeed": {"stage": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": float(os.cpu_count() or 2)},
@@ -74,7 +73,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help="steps between checkpoints (default: every eval; ASHA and FIFO need none)")
     parser.add_argument("--schedulers", nargs="+", default=["asha", "none"], choices=["asha", "none"],
-                        help="arms to run; FIFO's trial-steps are trials x max_t x 12 by construction")
+                        help="arms to run; FIFO's trial-steps are trials x max_t x steps-per-eval by construction")
     parser.add_argument("--fifo-best", type=float, default=None,
                         help="FIFO's best metric from an earlier run of the same draws (when only asha runs)")
     parser.add_argument("--out", type=Path, default=None)
@@ -117,7 +116,7 @@ def main() -> None:
         "steps_per_eval": args.steps_per_eval,
         "trial_steps_asha_vs_fifo": asha["trial_steps"] / fifo_steps if asha else None,
         "best_metric_gap_points": 100 * (fifo_best - asha["best_metric"]) if asha and fifo_best is not None else None,
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "command": command_line(),
         "trials": args.trials, "max_t": args.max_t,
     })
 

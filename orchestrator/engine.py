@@ -23,6 +23,14 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return "fp32"
 
 
+def model_width(model: torch.nn.Module) -> int | None:
+    """The widest hidden size among the HF models inside ``model`` (a distillation module holds a student and a
+    teacher; a PEFT model wraps one), for sizing ZeRO-3's buckets; None when no submodule has a config."""
+    widths = [m.config.hidden_size for m in model.modules()
+              if isinstance(getattr(getattr(m, "config", None), "hidden_size", None), int)]
+    return max(widths, default=None)
+
+
 def build_deepspeed_config(
     config: JobConfig, *, world_size: int, precision: str, hidden_size: int | None = None
 ) -> dict[str, Any]:

@@ -244,10 +244,8 @@ def apply_liger_kernel(model: Any, *, fused_loss_only: bool = False) -> None:
             f"model.liger_kernel: Liger has no kernels for model type {model_type!r} (it has: "
             f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); set model.liger_kernel: false"
         )
-    if fused_loss_only:
-        _apply_liger_kernel_to_instance(model=model, rope=False, rms_norm=False, swiglu=False)
-    else:
-        _apply_liger_kernel_to_instance(model=model)
+    fused_elsewhere = {"rope": False, "rms_norm": False, "swiglu": False} if fused_loss_only else {}
+    _apply_liger_kernel_to_instance(model=model, **fused_elsewhere)
 
 
 def compile_blocks(model: Any) -> int:

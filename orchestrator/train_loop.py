@@ -37,6 +37,7 @@ from orchestrator.engine import (
     build_deepspeed_config,
     build_optimizer,
     build_scheduler,
+    model_width,
     param_groups,
     resolve_precision,
 )
@@ -379,14 +380,6 @@ def _upload_part_then_fail(checkpoint: Any, checkpoint_dir_name: str) -> Any:
     )
 
 
-def model_width(model: torch.nn.Module) -> int | None:
-    """The widest hidden size among the HF models inside ``model`` (a distillation module holds a student and a
-    teacher; a PEFT model wraps one), for sizing ZeRO-3's buckets; None when no submodule has a config."""
-    widths = [m.config.hidden_size for m in model.modules()
-              if isinstance(getattr(getattr(m, "config", None), "hidden_size", None), int)]
-    return max(widths, default=None)
-
-
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Entry point run by every Ray Train worker (see ``orchestrator.launcher``)."""
     setup = {"worker_entry": time.time()}  # where start-up time goes, logged with the start record
@@ -480,7 +473,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     )
     if world_size == 1 and engine.zero_optimization_stage() == 0:
         # One worker has nothing to average: skip DeepSpeed's flatten + all-reduce + unflatten of every gradient
-        # after each backward (measured ~9% of a MiniLM step on 2 CPUs with the engine's other bookkeeping).
+        # after each backward (its saving is below what the 2-CPU overhead benchmark can resolve).
         engine.enable_backward_allreduce = False
     if config.model.torch_compile and config.model.liger_kernel:
         compile_blocks(engine.module)  # not the whole model: see compile_blocks

@@ -272,7 +272,7 @@ def test_model_width_sees_through_wrappers_to_the_widest_model(tiny_models) -> N
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from orchestrator.train_loop import model_width
+    from orchestrator.engine import model_width
 
     student = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
