@@ -107,15 +107,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def build_optimizer(groups: list[dict[str, Any]], config: JobConfig, *, device_type: str) -> torch.optim.Optimizer:
     """AdamW built here rather than from DeepSpeed's JSON: DeepSpeed's own Adam kernels JIT-compile
-    (FusedAdam needs nvcc, CPUAdam gcc); torch's fused AdamW on GPU is as fast and needs nothing.
-    Optimizer offload still uses DeepSpeedCPUAdam, which ZeRO-Offload requires for speed."""
+    (FusedAdam needs nvcc, CPUAdam gcc); torch's fused AdamW is as fast and needs nothing, on GPUs and (since
+    torch 2.4) on CPUs, where it is 8x faster than torch's default per-tensor loop (MiniLM: 17 vs 133 ms a step
+    on 2 cores, a tenth of a batch-32 training step). Optimizer offload still uses DeepSpeedCPUAdam, which
+    ZeRO-Offload requires for speed."""
     t = config.training
     kwargs = {"lr": t.lr, "betas": tuple(t.adam_betas), "eps": t.adam_eps}
     if config.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, fused=device_type == "cuda", **kwargs)
+    return torch.optim.AdamW(groups, fused=device_type in ("cuda", "cpu"), **kwargs)
 
 
 def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:

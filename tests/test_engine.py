@@ -14,6 +14,7 @@ from orchestrator.config import JobConfig, config_from_dict
 from orchestrator.engine import (
     WarmupDecay,
     build_deepspeed_config,
+    build_optimizer,
     lr_lambda,
     param_groups,
     resolve_precision,
@@ -252,6 +253,31 @@ def test_frozen_parameters_are_left_out(tiny_bert: torch.nn.Module) -> None:
 
     assert names
     assert not any(name.startswith("embeddings.") for name in names)
+
+
+def test_cpu_optimizer_is_torchs_fused_adamw_and_steps_like_the_reference(tiny_bert: torch.nn.Module) -> None:
+    import copy
+
+    config = job(training={"lr": 1e-2, "weight_decay": 0.1})
+    models = [copy.deepcopy(tiny_bert) for _ in range(2)]
+    fused = build_optimizer(param_groups(models[0], 0.1), config, device_type="cpu")
+    reference = torch.optim.AdamW(param_groups(models[1], 0.1), lr=1e-2, foreach=False)
+    reference.param_groups[1]["lr"] = fused.param_groups[1]["lr"] = 0.0  # a group the schedule has not unfrozen yet
+
+    assert fused.defaults["fused"] is True
+    torch.manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for model, optimizer in zip(models, (fused, reference)):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    frozen_at_lr_0 = {id(p) for p in fused.param_groups[1]["params"]}
+    unchanged = [torch.equal(a, b) for a, b in zip(models[0].parameters(), tiny_bert.parameters())
+                 if id(a) in frozen_at_lr_0]
+    assert unchanged and all(unchanged)
 
 
 def test_resident_tensor_memory_counts_each_storage_once() -> None:

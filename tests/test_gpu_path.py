@@ -28,7 +28,7 @@ def test_bf16_deepspeed_config_has_bf16_on_and_fp16_off(tiny_models, tmp_path) -
     assert ds["train_batch_size"] == 8 * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
 
 
-def test_fused_adamw_is_asked_for_on_cuda_only(tiny_models, tmp_path, monkeypatch) -> None:
+def test_fused_adamw_is_asked_for_on_cuda_and_cpu(tiny_models, tmp_path, monkeypatch) -> None:
     config = config_from_dict(tiny_job("gpu-opt", tiny_models["bert"], tmp_path, tmp_path))
     seen = {}
 
@@ -43,7 +43,7 @@ def test_fused_adamw_is_asked_for_on_cuda_only(tiny_models, tmp_path, monkeypatc
     build_optimizer(groups, config, device_type="cuda")
     assert seen["fused"] is True
     build_optimizer(groups, config, device_type="cpu")
-    assert seen["fused"] is False
+    assert seen["fused"] is True
 
 
 @pytest.mark.parametrize(("cluster_gpus", "setting", "expected"), [(8, "auto", True), (0, "auto", False),
