@@ -74,15 +74,24 @@ def main() -> None:
                         help="steps between checkpoints (default: every eval; ASHA and FIFO need none)")
     parser.add_argument("--schedulers", nargs="+", default=["asha", "none"], choices=["asha", "none"],
                         help="arms to run; FIFO's trial-steps are trials x max_t x steps-per-eval by construction")
-    parser.add_argument("--fifo-best", type=float, default=None,
-                        help="FIFO's best metric from an earlier run of the same draws (when only asha runs)")
+    parser.add_argument("--fifo-result", type=Path, default=None,
+                        help="this benchmark's JSON from an earlier FIFO-only run of the same draws (when only asha "
+                             "runs): its arm is copied into --out, so one file holds both arms")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from orchestrator.config import config_from_dict
     from orchestrator.sweep import run_sweep
 
+    results, fifo_command = {}, None
+    if args.fifo_result:
+        earlier = json.loads(args.fifo_result.read_text())
+        same = {k: earlier.get(k) for k in ("trials", "max_t", "steps_per_eval")}
+        if "fifo" not in earlier or same != {"trials": args.trials, "max_t": args.max_t,
+                                             "steps_per_eval": args.steps_per_eval}:
+            parser.error(f"--fifo-result {args.fifo_result}: not a FIFO run of these draws ({same}); run it with the "
+                         "same --trials, --max-t and --steps-per-eval and --schedulers none")
+        results["fifo"], fifo_command = earlier["fifo"], earlier["command"]
     start_ray()
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for scheduler in args.schedulers:
             name = f"bench-sweep-{scheduler}-{int(time.time())}"
@@ -106,7 +115,7 @@ def main() -> None:
             print(scheduler, json.dumps(results[list(results)[-1]], default=str)[:600], flush=True)
     asha, fifo = results.get("asha"), results.get("fifo")
     fifo_steps = args.trials * args.max_t * args.steps_per_eval  # every FIFO trial runs to max_t evals
-    fifo_best = fifo["best_metric"] if fifo else args.fifo_best
+    fifo_best = fifo["best_metric"] if fifo else None
     import torch
 
     write_result(args.out, {
@@ -117,6 +126,7 @@ def main() -> None:
         "trial_steps_asha_vs_fifo": asha["trial_steps"] / fifo_steps if asha else None,
         "best_metric_gap_points": 100 * (fifo_best - asha["best_metric"]) if asha and fifo_best is not None else None,
         "command": command_line(),
+        **({"fifo_command": fifo_command} if fifo_command else {}),
         "trials": args.trials, "max_t": args.max_t,
     })
 
