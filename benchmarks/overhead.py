@@ -6,7 +6,8 @@ Measures steady-state training samples/s of MiniLM on SST-2 (same batch, max_len
   1b. the same model and data through a DeepSpeed stage-0 engine in this process (the engine's own cost),
   2. `orchestrator train` with 1 worker (Ray Train + DeepSpeed stage 0) given all CPUs,
   3. the same with 2 workers x 1 CPU (ZeRO-2),
-and reports the ratios plus the time to the first step of (2). Steady state excludes the first
+and reports the ratios plus the time to the first step of (2) and of `orchestrator train` in a fresh process that
+starts its own Ray cluster (run first, on a quiet machine). Steady state excludes the first
 `--warmup` steps. Run on a quiet machine:
 
     .venv/bin/python benchmarks/overhead.py --steps 40 --out benchmarks/results/overhead.json
@@ -17,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +160,51 @@ def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: 
     }
 
 
+RAY_STARTED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s+INFO .*Started a local Ray instance", re.M)
+
+
+def cli_first_step(out: Path, batch: int, max_length: int, model_path: str) -> dict[str, Any]:
+    """Time to the first step of `orchestrator train job.yaml` run as a user runs it (a fresh process that starts
+    its own local Ray cluster, dashboard included), with a breakdown read from its log and the run's records."""
+    import yaml
+
+    from orchestrator.tracking import read_metrics
+
+    name = f"bench-cli-{int(time.time())}"
+    job = {
+        "name": name,
+        "model": {"path": model_path},
+        "data": {"train": {"path": str(DATA / "sst2" / "train.tsv"), "text_column": "sentence", "limit": batch * 4},
+                 "max_length": max_length},
+        "training": {"max_steps": 2, "batch_size_per_worker": batch, "log_every_steps": 1},
+        "deepspeed": {"stage": 0},
+        "scaling": {"num_workers": 1},
+        "tracking": {"wandb": {"mode": "disabled"}},
+        "output": {"dir": str(out), "save_final": False, "save_best": False},
+    }
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    launched = time.time()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(path)], env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"orchestrator train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    records = read_metrics(out / name)
+    start = next(r for r in records if r["kind"] == "start")
+    first = next(r for r in records if r["kind"] == "train")["time"]
+    found = RAY_STARTED.search(proc.stderr + proc.stdout)
+    ray_ready = (datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() if found
+                 else float("nan"))
+    marks = [("cli_start_and_ray_start", launched, ray_ready),
+             ("train_controller_and_worker_start", ray_ready, start["setup/worker_entry"]),
+             ("imports", start["setup/worker_entry"], start["setup/imports_done"]),
+             ("model_load", start["setup/imports_done"], start["setup/model_ready"]),
+             ("deepspeed_init", start["setup/model_ready"], start["setup/engine_ready"]),
+             ("first_step", start["setup/engine_ready"], first)]
+    return {"time_to_first_step_s": first - launched, "breakdown_s": {n: b - a for n, a, b in marks}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -168,6 +217,8 @@ def main() -> None:
     import ray
     import torch
 
+    with tempfile.TemporaryDirectory() as tmp:  # first, while no Ray runs here: the CLI starts its own cluster
+        cli = cli_first_step(Path(tmp), args.batch, args.max_length, args.model)
     cpus = os.cpu_count() or 2
     if torch.cuda.is_available():
         cpus = min(cpus, 8)
@@ -197,6 +248,7 @@ def main() -> None:
         "ratio_deepspeed_in_process_vs_plain": engine_only / plain,
         "orchestrator_1worker_z0": one,
         "orchestrator_2workers_z2": two,
+        "cli_time_to_first_step": cli,
         "ratio_1worker_vs_plain": one["samples_per_s"] / plain,
         "ratio_2workers_vs_plain": two["samples_per_s"] / plain if two else None,
         "cpus": cpus,
