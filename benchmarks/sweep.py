@@ -1,13 +1,17 @@
-"""ASHA vs FIFO on MiniLM/SST-2: same search space, same seeded draws, one run.
+"""ASHA vs FIFO on MiniLM/SST-2: same search space, same seeded draws.
 
 12 trials over training.lr (loguniform 1e-5..1e-3) and unfreeze.kind (none | gradual, γ 0.8); each trial
 trains one epoch of max_t x 192 SST-2 sentences (max_t x 12 steps of 16, 1 worker with the machine's CPUs,
 ZeRO stage 0) and is scored on 300 test sentences every 12 steps (one Tune result = one ASHA time unit).
-ASHA: grace 1, reduction factor 3, max_t 9 (rungs at 1, 3 and 9 evals). FIFO: scheduler none. Reports
-trial-steps consumed, best metric, wall time and the share of wall time spent outside the trials' training
-loops (Ray/Tune start-up, worker start, DeepSpeed init, scheduling, result handling).
+ASHA: grace 1, reduction factor 3 (rungs at 1, 3, 9, 27 evals). FIFO: scheduler none. Reports trial-steps
+consumed, best metric, wall time and the share of wall time spent outside the trials' training loops (Ray/Tune
+start-up, worker start, DeepSpeed init, scheduling, result handling). The README's figures (27-eval trials, each
+arm in its own run, checkpoints only at a trial's end):
 
-    .venv/bin/python benchmarks/sweep.py --out benchmarks/results/sweep.json
+    .venv/bin/python benchmarks/sweep.py --trials 12 --max-t 27 --steps-per-eval 12 --checkpoint-every 100000 \
+        --schedulers none --out benchmarks/results/sweep27_fifo.json
+    .venv/bin/python benchmarks/sweep.py --trials 12 --max-t 27 --steps-per-eval 12 --checkpoint-every 100000 \
+        --schedulers asha --fifo-result benchmarks/results/sweep27_fifo.json --out benchmarks/results/sweep27.json
 """
 
 from __future__ import annotations

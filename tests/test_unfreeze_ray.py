@@ -86,8 +86,8 @@ def test_head_only_under_zero3_resumes_and_exports_the_base_models_body(
     # The frozen body is in the checkpoint (DeepSpeed's frozen-parameter fragments under ZeRO-3), unchanged.
     step3 = next(
         p
-        for p in (result.run_dir / "ray" / name).glob("checkpoint_*")
-        if json.loads((p / "train_state.json").read_text())["step"] == 3
+        for p in (result.run_dir / "ray" / name).glob("checkpoint_*")  # Ray also keeps checkpoint_manager_snapshot.json
+        if p.is_dir() and json.loads((p / "train_state.json").read_text())["step"] == 3
     )
     at_step3 = _weights_at(step3)
     assert all(torch.equal(at_step3[k], base[k]) for k in body)
