@@ -116,6 +116,23 @@ def deepspeed_loop(steps: int, warmup: int, batch: int, max_length: int, threads
     return _timed_samples_per_s(step, tokenizer, engine.device, steps, warmup, batch, max_length)
 
 
+def _job(name: str, out: Path, steps: int, batch: int, max_length: int, model_path: str, *, stage: int,
+         scaling: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's orchestrator job: `steps` steps of `batch` SST-2 sentences split over the workers."""
+    return {
+        "name": name,
+        "model": {"path": model_path},
+        "data": {"train": {"path": str(DATA / "sst2" / "train.tsv"), "text_column": "sentence",
+                           "limit": batch * (steps + 2)}, "max_length": max_length},
+        "training": {"max_steps": steps, "batch_size_per_worker": batch // scaling["num_workers"],
+                     "log_every_steps": 1, "lr": 5e-5},
+        "deepspeed": {"stage": stage},
+        "scaling": scaling,
+        "tracking": {"wandb": {"mode": "disabled"}},
+        "output": {"dir": str(out), "save_final": False, "save_best": False},
+    }
+
+
 def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: int, cpus: float, stage: int,
                  out: Path, model_path: str = "minilm") -> dict[str, float]:
     from orchestrator.config import config_from_dict
@@ -123,18 +140,8 @@ def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: 
     from orchestrator.tracking import read_metrics
 
     name = f"bench-w{workers}-z{stage}-{int(time.time())}"
-    job = {
-        "name": name,
-        "model": {"path": model_path},
-        "data": {"train": {"path": str(DATA / "sst2" / "train.tsv"), "text_column": "sentence",
-                           "limit": batch * (steps + 2)}, "max_length": max_length},
-        "training": {"max_steps": steps, "batch_size_per_worker": batch // workers, "log_every_steps": 1,
-                     "lr": 5e-5},
-        "deepspeed": {"stage": stage},
-        "scaling": {"num_workers": workers, "cpus_per_worker": cpus},
-        "tracking": {"wandb": {"mode": "disabled"}},
-        "output": {"dir": str(out), "save_final": False, "save_best": False},
-    }
+    job = _job(name, out, steps, batch, max_length, model_path, stage=stage,
+               scaling={"num_workers": workers, "cpus_per_worker": cpus})
     launched = time.time()
     run_training(config_from_dict(job))
     records = read_metrics(out / name)
@@ -171,17 +178,7 @@ def cli_first_step(out: Path, batch: int, max_length: int, model_path: str) -> d
     from orchestrator.tracking import read_metrics
 
     name = f"bench-cli-{int(time.time())}"
-    job = {
-        "name": name,
-        "model": {"path": model_path},
-        "data": {"train": {"path": str(DATA / "sst2" / "train.tsv"), "text_column": "sentence", "limit": batch * 4},
-                 "max_length": max_length},
-        "training": {"max_steps": 2, "batch_size_per_worker": batch, "log_every_steps": 1},
-        "deepspeed": {"stage": 0},
-        "scaling": {"num_workers": 1},
-        "tracking": {"wandb": {"mode": "disabled"}},
-        "output": {"dir": str(out), "save_final": False, "save_best": False},
-    }
+    job = _job(name, out, 2, batch, max_length, model_path, stage=0, scaling={"num_workers": 1})
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
