@@ -96,6 +96,8 @@ def deepspeed_loop(steps: int, warmup: int, batch: int, max_length: int, threads
     import torch
     import torch.distributed as dist
 
+    from orchestrator.engine import skip_unused_cpu_comm_op
+
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -104,6 +106,7 @@ def deepspeed_loop(steps: int, warmup: int, batch: int, max_length: int, threads
     config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "train_batch_size": batch,
               "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "bf16": {"enabled": gpu},
               "steps_per_print": 10**9, "zero_allow_untested_optimizer": True}
+    skip_unused_cpu_comm_op(config, device_type="cuda" if gpu else "cpu")  # as the orchestrator does
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     engine.train()
 
@@ -182,6 +185,8 @@ def cli_first_step(out: Path, batch: int, max_length: int, model_path: str) -> d
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # An empty JIT-op cache, as on a fresh machine: any DeepSpeed op compiled on the way counts (none should be).
+    env["TORCH_EXTENSIONS_DIR"] = str(out / "torch_extensions")
     launched = time.time()
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(path)], env=env,
                           capture_output=True, text=True, check=False)
@@ -199,7 +204,9 @@ def cli_first_step(out: Path, batch: int, max_length: int, model_path: str) -> d
              ("model_load", start["setup/imports_done"], start["setup/model_ready"]),
              ("deepspeed_init", start["setup/model_ready"], start["setup/engine_ready"]),
              ("first_step", start["setup/engine_ready"], first)]
-    return {"time_to_first_step_s": first - launched, "breakdown_s": {n: b - a for n, a, b in marks}}
+    compiled = sorted(p.name for p in (out / "torch_extensions").glob("*/*"))
+    return {"time_to_first_step_s": first - launched, "breakdown_s": {n: b - a for n, a, b in marks},
+            "deepspeed_ops_compiled": compiled}
 
 
 def main() -> None:

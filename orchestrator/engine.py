@@ -120,6 +120,32 @@ def build_optimizer(groups: list[dict[str, Any]], config: JobConfig, *, device_t
     return torch.optim.AdamW(groups, fused=device_type in ("cuda", "cpu"), **kwargs)
 
 
+def skip_unused_cpu_comm_op(ds_config: dict[str, Any], *, device_type: str) -> bool:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU when the job cannot use it.
+
+    On a CPU accelerator, every ``deepspeed.initialize`` builds ``deepspeed_shm_comm`` (C++ through ninja, into
+    ``~/.cache/torch_extensions``): 45-70 s on 2 cores, the first time on every machine and Python environment,
+    paid by a fresh cluster node, a CI run and a user's first job alike. Only DeepSpeed's tensor-parallel
+    (AutoTP) layers call it (``inference_all_reduce``); the data-parallel gradient all-reduce that training uses
+    goes through ``torch.distributed``, and without the op DeepSpeed itself falls back to ``torch.distributed``.
+    So unless the job's DeepSpeed config asks for AutoTP, the op is marked unavailable, the way DeepSpeed marks
+    an op it cannot build (``deepspeed.ops.__compatible_ops__``, a dict it keeps so that edits persist).
+
+    Returns:
+        Whether the build was skipped.
+    """
+    tensor_parallel = ds_config.get("tensor_parallel") or {}
+    if device_type != "cpu" or int(tensor_parallel.get("autotp_size", 1) or 1) > 1:
+        return False
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    if "deepspeed_shm_comm" not in compatible:  # a DeepSpeed without the op (or that renamed it): nothing to skip
+        return False
+    compatible["deepspeed_shm_comm"] = False
+    return True
+
+
 def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Multiplier of the peak LR at an optimizer step: linear warmup, then linear/cosine decay or flat."""
     if warmup_steps and step < warmup_steps:

@@ -40,6 +40,7 @@ from orchestrator.engine import (
     model_width,
     param_groups,
     resolve_precision,
+    skip_unused_cpu_comm_op,
 )
 from orchestrator.errors import TrainingError
 from orchestrator.export import export_hf_folder
@@ -468,6 +469,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                                        hidden_size=model_width(model))
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    skip_unused_cpu_comm_op(ds_config, device_type=device_type)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )

@@ -18,6 +18,7 @@ from orchestrator.engine import (
     lr_lambda,
     param_groups,
     resolve_precision,
+    skip_unused_cpu_comm_op,
     warmup_steps_for,
 )
 
@@ -312,3 +313,47 @@ def test_model_width_sees_through_wrappers_to_the_widest_model(tiny_models) -> N
     assert model_width(Pair()) == 96
     assert model_width(student) == student.config.hidden_size
     assert model_width(torch.nn.Linear(2, 2)) is None
+
+
+ENGINE_IN_A_FRESH_PROCESS = """
+import os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed, torch
+from orchestrator.engine import skip_unused_cpu_comm_op
+
+model = torch.nn.Linear(4, 2)
+config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+          "zero_allow_untested_optimizer": True}
+assert skip_unused_cpu_comm_op(config, device_type="cpu")
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+loss = engine(torch.ones(2, 4)).sum()
+engine.backward(loss)
+engine.step()
+print("stepped")
+"""
+
+
+def test_a_cpu_engine_compiles_no_deepspeed_op_it_does_not_use(tmp_path: Path) -> None:
+    """DeepSpeed would JIT-compile its shared-memory all-reduce (45-70 s on 2 cores) on a machine's first CPU job."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extensions = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", ENGINE_IN_A_FRESH_PROCESS, str(port)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stepped" in done.stdout
+    built = sorted(p.name for p in extensions.glob("*/*")) if extensions.exists() else []
+    assert built == [], f"DeepSpeed compiled {built}"
+
+
+def test_the_comm_op_is_kept_where_it_can_be_used() -> None:
+    autotp = {"tensor_parallel": {"autotp_size": 2}}
+    assert skip_unused_cpu_comm_op(autotp, device_type="cpu") is False
+    assert skip_unused_cpu_comm_op({}, device_type="cuda") is False
