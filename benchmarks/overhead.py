@@ -6,9 +6,10 @@ Measures steady-state training samples/s of MiniLM on SST-2 (same batch, max_len
   1b. the same model and data through a DeepSpeed stage-0 engine in this process (the engine's own cost),
   2. `orchestrator train` with 1 worker (Ray Train + DeepSpeed stage 0) given all CPUs,
   3. the same with 2 workers x 1 CPU (ZeRO-2),
-and reports the ratios plus the time to the first step of (2) and of `orchestrator train` in a fresh process that
-starts its own Ray cluster (run first, on a quiet machine). Steady state excludes the first
-`--warmup` steps. Run on a quiet machine:
+and reports the ratios plus the time to the first step of (2) and of `orchestrator train` in a fresh process, twice
+(run first, on a quiet machine): starting its own Ray cluster, and connecting to a running `ray start --head`; each
+with an empty DeepSpeed op cache, a breakdown, and when each Ray actor process of the run started. Steady state
+excludes the first `--warmup` steps. Run on a quiet machine:
 
     .venv/bin/python benchmarks/overhead.py --steps 40 --out benchmarks/results/overhead.json
 """
@@ -170,35 +171,72 @@ def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: 
     }
 
 
-RAY_STARTED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s+INFO .*Started a local Ray instance", re.M)
+RAY_READY = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s+INFO .*(?:Started a local Ray instance|Connected to Ray cluster)", re.M
+)
+LOG_STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
-def cli_first_step(out: Path, batch: int, max_length: int, model_path: str) -> dict[str, Any]:
-    """Time to the first step of `orchestrator train job.yaml` run as a user runs it (a fresh process that starts
-    its own local Ray cluster, dashboard included), with a breakdown read from its log and the run's records."""
+def _stamp(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def ray_actor_starts(since: float) -> dict[str, float]:
+    """Seconds after `since` at which each Ray actor process of the run started, read from the Ray session's logs
+    (the worker's .out names its actor, its core-worker log's first line is stamped): Ray Train V2 starts a
+    controller and helper actors, each a new Python process, around the training worker. Empty if the logs moved."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    logs = Path(os.environ.get("RAY_TMPDIR") or get_default_ray_temp_dir()) / "session_latest" / "logs"
+    starts: dict[str, float] = {}
+    for out in logs.glob("worker-*.out"):
+        name = re.search(r":actor_name:(\w+)", out.read_text(errors="replace"))
+        pid = out.stem.rsplit("-", 1)[-1]
+        core = next(logs.glob(f"python-core-worker-*_{pid}.log"), None)
+        stamp = LOG_STAMP.match(core.read_text(errors="replace")) if core is not None else None
+        if name and stamp and _stamp(stamp.group(1)) >= since:
+            starts[name.group(1)] = round(_stamp(stamp.group(1)) - since, 2)
+    return dict(sorted(starts.items(), key=lambda item: item[1]))
+
+
+def cli_first_step(out: Path, batch: int, max_length: int, model_path: str, *, running_cluster: bool,
+                   cpus: int) -> dict[str, Any]:
+    """Time to the first step of `orchestrator train job.yaml` run as a user runs it, in a fresh process, with a
+    breakdown read from its log, the run's records and Ray's session logs. Either the CLI starts its own local Ray
+    cluster (dashboard included), or it connects to one already running (`ray start --head`, started and stopped
+    here) and so skips Ray's start."""
     import yaml
 
     from orchestrator.tracking import read_metrics
 
-    name = f"bench-cli-{int(time.time())}"
+    name = f"bench-cli-{'running' if running_cluster else 'own'}-{int(time.time())}"
     job = _job(name, out, 2, batch, max_length, model_path, stage=0, scaling={"num_workers": 1})
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # An empty JIT-op cache, as on a fresh machine: any DeepSpeed op compiled on the way counts (none should be).
     env["TORCH_EXTENSIONS_DIR"] = str(out / "torch_extensions")
-    launched = time.time()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(path)], env=env,
-                          capture_output=True, text=True, check=False)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    if running_cluster:
+        subprocess.run([ray_cli, "start", "--head", "--num-cpus", str(cpus), "--dashboard-host", "127.0.0.1"],
+                       env=env, capture_output=True, check=True)
+        time.sleep(5)  # let the head settle, as a cluster started earlier would be
+    try:
+        launched = time.time()
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(path)], env=env,
+                              capture_output=True, text=True, check=False)
+        actors = ray_actor_starts(launched)
+    finally:
+        if running_cluster:
+            subprocess.run([ray_cli, "stop"], env=env, capture_output=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"orchestrator train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     records = read_metrics(out / name)
     start = next(r for r in records if r["kind"] == "start")
     first = next(r for r in records if r["kind"] == "train")["time"]
-    found = RAY_STARTED.search(proc.stderr + proc.stdout)
-    ray_ready = (datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() if found
-                 else float("nan"))
-    marks = [("cli_start_and_ray_start", launched, ray_ready),
+    found = RAY_READY.search(proc.stderr + proc.stdout)
+    ray_ready = _stamp(found.group(1)) if found else float("nan")
+    marks = [("cli_start_and_ray_start" if not running_cluster else "cli_start_and_ray_connect", launched, ray_ready),
              ("train_controller_and_worker_start", ray_ready, start["setup/worker_entry"]),
              ("imports", start["setup/worker_entry"], start["setup/imports_done"]),
              ("model_load", start["setup/imports_done"], start["setup/model_ready"]),
@@ -206,6 +244,7 @@ def cli_first_step(out: Path, batch: int, max_length: int, model_path: str) -> d
              ("first_step", start["setup/engine_ready"], first)]
     compiled = sorted(p.name for p in (out / "torch_extensions").glob("*/*"))
     return {"time_to_first_step_s": first - launched, "breakdown_s": {n: b - a for n, a, b in marks},
+            "ray_actor_process_starts_s": actors, "train_fn_entry_s": start["setup/worker_entry"] - launched,
             "deepspeed_ops_compiled": compiled}
 
 
@@ -221,11 +260,13 @@ def main() -> None:
     import ray
     import torch
 
-    with tempfile.TemporaryDirectory() as tmp:  # first, while no Ray runs here: the CLI starts its own cluster
-        cli = cli_first_step(Path(tmp), args.batch, args.max_length, args.model)
     cpus = os.cpu_count() or 2
     if torch.cuda.is_available():
         cpus = min(cpus, 8)
+    with tempfile.TemporaryDirectory() as tmp:  # first, while no Ray runs here: the CLI starts its own cluster
+        cli = cli_first_step(Path(tmp), args.batch, args.max_length, args.model, running_cluster=False, cpus=cpus)
+        cli_running = cli_first_step(Path(tmp), args.batch, args.max_length, args.model, running_cluster=True,
+                                     cpus=cpus)
     ray.init(num_cpus=cpus + 1, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         plain_before = plain_loop(args.steps, args.warmup, args.batch, args.max_length, threads=cpus,
@@ -253,6 +294,7 @@ def main() -> None:
         "orchestrator_1worker_z0": one,
         "orchestrator_2workers_z2": two,
         "cli_time_to_first_step": cli,
+        "cli_time_to_first_step_running_cluster": cli_running,
         "ratio_1worker_vs_plain": one["samples_per_s"] / plain,
         "ratio_2workers_vs_plain": two["samples_per_s"] / plain if two else None,
         "cpus": cpus,

@@ -45,6 +45,13 @@ def rows() -> list[tuple[str, str, str]]:
                     f"{two['samples_per_s']:.1f} ({r['ratio_2workers_vs_plain']:.2f}x); time to first step "
                     f"{one['time_to_first_step_s']:.1f} s (workers ready {one['worker_setup_s']:.1f} s)",
                     "python benchmarks/overhead.py --out benchmarks/results/overhead.json"))
+        for key, how in (("cli_time_to_first_step", "starting its own Ray"),
+                         ("cli_time_to_first_step_running_cluster", "on a running `ray start --head`")):
+            if cli := r.get(key):
+                parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in cli["breakdown_s"].items())
+                out.append((f"Time to first step, `orchestrator train` {how}",
+                            f"{cli['time_to_first_step_s']:.1f} s: {parts}",
+                            "python benchmarks/overhead.py --out benchmarks/results/overhead.json"))
     if r := _load("zero"):
         runs = r["runs"]
         mem = ", ".join(f"ZeRO-{s} {runs[f'2w_z{s}']['peak_rss_mb']:.0f} MB peak / "
