@@ -215,7 +215,8 @@ def cli_first_step(out: Path, batch: int, max_length: int, model_path: str, *, r
     path.write_text(yaml.safe_dump(job))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # An empty JIT-op cache, as on a fresh machine: any DeepSpeed op compiled on the way counts (none should be).
-    env["TORCH_EXTENSIONS_DIR"] = str(out / "torch_extensions")
+    extensions = out / f"{name}-torch_extensions"  # one per arm, so each starts empty
+    env["TORCH_EXTENSIONS_DIR"] = str(extensions)
     ray_cli = str(Path(sys.executable).with_name("ray"))
     if running_cluster:
         subprocess.run([ray_cli, "start", "--head", "--num-cpus", str(cpus), "--dashboard-host", "127.0.0.1"],
@@ -242,7 +243,7 @@ def cli_first_step(out: Path, batch: int, max_length: int, model_path: str, *, r
              ("model_load", start["setup/imports_done"], start["setup/model_ready"]),
              ("deepspeed_init", start["setup/model_ready"], start["setup/engine_ready"]),
              ("first_step", start["setup/engine_ready"], first)]
-    compiled = sorted(p.name for p in (out / "torch_extensions").glob("*/*"))
+    compiled = sorted(p.name for p in extensions.glob("*/*"))
     return {"time_to_first_step_s": first - launched, "breakdown_s": {n: b - a for n, a, b in marks},
             "ray_actor_process_starts_s": actors, "train_fn_entry_s": start["setup/worker_entry"] - launched,
             "deepspeed_ops_compiled": compiled}
