@@ -68,8 +68,8 @@ def sst2_job(name: str, out: Path, *, limit: int, steps: int | None = None, epoc
 def run_job(job: dict[str, Any], *, warmup: int = 5) -> dict[str, Any]:
     """Train `job`; returns steady-state samples/s (after `warmup` steps), the last eval, peak memory
     and parameter counts read from the run's metrics.jsonl."""
+    from orchestrator.cluster.launcher import run_training
     from orchestrator.config import config_from_dict
-    from orchestrator.launcher import run_training
     from orchestrator.tracking import read_metrics
 
     config = config_from_dict(job)

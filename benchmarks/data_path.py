@@ -27,8 +27,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from orchestrator.config import DataConfig
-    from orchestrator.data import Collator, RowReader, prepare_data, train_batch_indices
-    from orchestrator.models import load_tokenizer, resolve_model_path
+    from orchestrator.data.readers import Collator, RowReader, train_batch_indices
+    from orchestrator.data.sources import prepare_data
+    from orchestrator.models.loading import load_tokenizer, resolve_model_path
 
     data_config = DataConfig.model_validate({"train": {"path": str(SST2_TRAIN), "text_column": "sentence"},
                                              "max_length": 64, "label_names": ["negative", "positive"]})

@@ -43,7 +43,7 @@ def write_shards(folder: Path, per_round: int) -> list[Path]:
 
 def arm_spec(root: Path, replay: float, first_train: Path, stamp: int):
     """A retrain spec whose base job, runs, registry and watched folder live under `root`."""
-    from orchestrator.retrain_config import retrain_from_dict
+    from orchestrator.config.retrain import retrain_from_dict
 
     watch = root / "incoming"
     watch.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def arm_spec(root: Path, replay: float, first_train: Path, stamp: int):
 
 
 def one_round(loaded, watch: Path, shard: Path) -> dict:
-    from orchestrator.continual import run_round
+    from orchestrator.lifecycle.continual import run_round
 
     shutil.copy(shard, watch / shard.name)
     started = time.time()

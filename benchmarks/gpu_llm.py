@@ -59,7 +59,7 @@ def build_model(destination: Path, args: argparse.Namespace) -> tuple[Path, dict
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.models import load_tokenizer, resolve_model_path
+    from orchestrator.models.loading import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(args.tokenizer or resolve_model_path("minilm"))
     config = LlamaConfig(
@@ -114,8 +114,8 @@ def steady_rate(times: list[float], warmup: int, tokens_per_step: int) -> dict[s
 def run_orchestrator(variant: str, model_dir: Path, corpus: Path, out: Path, args: argparse.Namespace) -> dict:
     import torch
 
+    from orchestrator.cluster.launcher import run_training
     from orchestrator.config import config_from_dict
-    from orchestrator.launcher import run_training
     from orchestrator.tracking import read_metrics
 
     gpu = torch.cuda.is_available()
@@ -164,8 +164,8 @@ def hf_trainer_worker(variant: str, model_dir: Path, corpus: Path, args: argpars
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from orchestrator.data import end_of_text_id, pack_token_stream
-    from orchestrator.models import load_tokenizer
+    from orchestrator.data.readers import end_of_text_id, pack_token_stream
+    from orchestrator.models.loading import load_tokenizer
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
     gpu = torch.cuda.is_available()

@@ -38,7 +38,7 @@ def _model_and_tokenizer(threads: int, model_path: str) -> tuple[Any, Any, bool]
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from orchestrator.models import resolve_model_path
+    from orchestrator.models.loading import resolve_model_path
 
     torch.set_num_threads(threads)
     path = resolve_model_path(model_path)
@@ -97,7 +97,7 @@ def deepspeed_loop(steps: int, warmup: int, batch: int, max_length: int, threads
     import torch
     import torch.distributed as dist
 
-    from orchestrator.engine import skip_unused_cpu_comm_op
+    from orchestrator.train.engine import skip_unused_cpu_comm_op
 
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
@@ -139,8 +139,8 @@ def _job(name: str, out: Path, steps: int, batch: int, max_length: int, model_pa
 
 def orchestrated(steps: int, warmup: int, batch: int, max_length: int, workers: int, cpus: float, stage: int,
                  out: Path, model_path: str = "minilm") -> dict[str, float]:
+    from orchestrator.cluster.launcher import run_training
     from orchestrator.config import config_from_dict
-    from orchestrator.launcher import run_training
     from orchestrator.tracking import read_metrics
 
     name = f"bench-w{workers}-z{stage}-{int(time.time())}"

@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from orchestrator.config import config_from_dict
-    from orchestrator.sweep import run_sweep
+    from orchestrator.tune.sweep import run_sweep
 
     results, fifo_command = {}, None
     if args.fifo_result:

@@ -6,9 +6,9 @@ Public API (everything else may change):
     result = run_training(load_config("configs/quickstart.yaml"))
 """
 
+from orchestrator.cluster.launcher import TrainResult, preflight, run_training
 from orchestrator.config import JobConfig, config_from_dict, json_schema, load_config
 from orchestrator.errors import ConfigError, DataError, ModelError, OrchestratorError, TrainingError
-from orchestrator.launcher import TrainResult, preflight, run_training
 from orchestrator.methods import register_method
 
 __all__ = [

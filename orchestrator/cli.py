@@ -99,7 +99,7 @@ def train(
     ),
 ) -> None:
     """Train a model on a Ray cluster (a local one by default)."""
-    from orchestrator.launcher import run_training
+    from orchestrator.cluster.launcher import run_training
 
     try:
         config = load_config(config_path, overrides)
@@ -145,8 +145,8 @@ def validate(
     check_data: bool = typer.Option(True, "--check-data/--no-check-data", help="Also scan data files and model paths."),
 ) -> None:
     """Check job files and report every problem in every file at once."""
-    from orchestrator.launcher import preflight
-    from orchestrator.retrain_config import is_retrain_file, load_retrain
+    from orchestrator.cluster.launcher import preflight
+    from orchestrator.config.retrain import is_retrain_file, load_retrain
 
     failed = 0
     for path in config_paths:
@@ -156,7 +156,7 @@ def validate(
             else:
                 config = load_config(path, overrides)
             if check_data and config.tune is not None:  # a sweep: its search space and metric are checked too
-                from orchestrator.sweep import plan_sweep
+                from orchestrator.tune.sweep import plan_sweep
 
                 plan_sweep(config, resume=True, source=str(path))
             elif check_data:
@@ -198,7 +198,7 @@ def submit(
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its latest checkpoint."),
 ) -> None:
     """Submit a job to a Ray cluster through the Jobs API (token auth handled) and follow its logs."""
-    from orchestrator.submit import submit_job
+    from orchestrator.cluster.jobs import submit_job
 
     try:
         config = load_config(config_path, overrides)
@@ -234,7 +234,7 @@ def predict(
     texts: list[str] = typer.Argument(..., help="Texts to classify."),
 ) -> None:
     """Classify texts with an exported model and print label names with probabilities."""
-    from orchestrator.inference import predict as run_predict
+    from orchestrator.models.predict import predict as run_predict
 
     try:
         predictions = run_predict(model_dir, texts)
@@ -256,7 +256,7 @@ def sweep(
     ),
 ) -> None:
     """Run a hyperparameter sweep (Ray Tune): each trial is the whole multi-worker job with sampled values."""
-    from orchestrator.sweep import resume_sweep, run_sweep
+    from orchestrator.tune.sweep import resume_sweep, run_sweep
 
     if (config_path is None) == (resume is None):
         _fail("give a config file, or --resume <sweep dir> (not both)")
@@ -307,7 +307,7 @@ RegistryOption = typer.Option(
 
 
 def _open_registry(path: Path) -> Any:
-    from orchestrator.registry import Registry
+    from orchestrator.lifecycle.registry import Registry
 
     if not path.is_file():
         _fail(f"no registry at {path}; pass --registry PATH (or set ORCHESTRATOR_REGISTRY)")
@@ -352,7 +352,7 @@ def registry_show(
     as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON (config included)."),
 ) -> None:
     """Show one model: lineage, data with hashes, metrics per eval set, artifact, code version, decision."""
-    from orchestrator.registry import RegistryError
+    from orchestrator.lifecycle.registry import RegistryError
 
     reg = _open_registry(registry)
     try:
@@ -405,7 +405,7 @@ def registry_lineage(
     from rich.markup import escape
     from rich.tree import Tree
 
-    from orchestrator.registry import RegistryError
+    from orchestrator.lifecycle.registry import RegistryError
 
     reg = _open_registry(registry)
     try:
@@ -441,7 +441,7 @@ def registry_promote(
     reason: str = typer.Option("promoted by hand", "--reason", help="Recorded with the promotion."),
 ) -> None:
     """Make a model the champion of its name (the current champion is archived)."""
-    from orchestrator.registry import RegistryError
+    from orchestrator.lifecycle.registry import RegistryError
 
     reg = _open_registry(registry)
     try:
@@ -458,7 +458,7 @@ def registry_rollback(
     reason: str = typer.Option("rollback by hand", "--reason", help="Recorded with the rollback."),
 ) -> None:
     """Restore the previous champion; the current one is archived."""
-    from orchestrator.registry import RegistryError
+    from orchestrator.lifecycle.registry import RegistryError
 
     reg = _open_registry(registry)
     try:
@@ -476,8 +476,8 @@ def registry_report(
     metric: str = typer.Option(None, "--metric", help="Metric per eval set (default: the gate's, else accuracy)."),
 ) -> None:
     """The forgetting matrix: each eval set's score across the model's versions (table + PNG)."""
-    from orchestrator.registry import RegistryError
-    from orchestrator.retrain_report import write_report
+    from orchestrator.lifecycle.registry import RegistryError
+    from orchestrator.lifecycle.report import write_report
 
     reg = _open_registry(registry)
     try:
@@ -506,9 +506,9 @@ def retrain(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the new data and the champion; train nothing."),
 ) -> None:
     """Run one continual-retraining round: new data, warm start from the champion, replay, gate."""
-    from orchestrator.continual import find_new_data, loaded_from_round, open_round_registry, run_round
-    from orchestrator.registry import Registry
-    from orchestrator.retrain_config import load_retrain
+    from orchestrator.config.retrain import load_retrain
+    from orchestrator.lifecycle.continual import find_new_data, loaded_from_round, open_round_registry, run_round
+    from orchestrator.lifecycle.registry import Registry
 
     try:
         if round_id is not None:
@@ -556,10 +556,10 @@ def schedule(
     once: bool = typer.Option(False, "--once", help="One tick and exit (for a Kubernetes CronJob)."),
 ) -> None:
     """Submit retraining rounds as Ray jobs on new data / an interval / a cron schedule (runs until stopped)."""
-    from orchestrator.continual import open_round_registry
-    from orchestrator.retrain_config import load_retrain
-    from orchestrator.scheduler import RetrainScheduler
-    from orchestrator.submit import job_client
+    from orchestrator.cluster.jobs import job_client
+    from orchestrator.config.retrain import load_retrain
+    from orchestrator.lifecycle.continual import open_round_registry
+    from orchestrator.lifecycle.scheduler import RetrainScheduler
 
     try:
         loaded = load_retrain(config_path, overrides)

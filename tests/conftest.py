@@ -43,7 +43,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """2-layer, hidden-32 models with random weights: an encoder (BERT) and causal LMs (GPT-2, Llama)."""
-    from orchestrator.testing import make_tiny_model
+    from tests.support.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: make_tiny_model(root / arch, arch) for arch in ("bert", "gpt2", "llama")}

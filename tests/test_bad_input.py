@@ -26,11 +26,11 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import cli
+from orchestrator.cluster.launcher import preflight, run_training
 from orchestrator.config import config_from_dict, load_config
+from orchestrator.config.retrain import load_retrain
 from orchestrator.errors import OrchestratorError
-from orchestrator.launcher import preflight, run_training
-from orchestrator.retrain_config import load_retrain
-from orchestrator.sweep import plan_sweep
+from orchestrator.tune.sweep import plan_sweep
 
 GOOD_ROWS = "sentence\tlabel\na gripping film\tpos\ndull and far too long\tneg\nfine\tpos\nno\tneg\n"
 
@@ -277,7 +277,7 @@ def lora_target_module_matching_nothing(ws: Workspace) -> Bad:
 
 @case
 def teacher_and_student_vocabularies_differ(ws: Workspace) -> Bad:
-    from orchestrator.models import load_tokenizer
+    from orchestrator.models.loading import load_tokenizer
 
     teacher = ws.root / "teacher"
     shutil.copytree(ws.model, teacher)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.cluster.launcher import build_trainer, preflight
 from orchestrator.config import config_from_dict
 from orchestrator.errors import ConfigError
-from orchestrator.launcher import build_trainer, preflight
 from tests.conftest import tiny_job
 
 

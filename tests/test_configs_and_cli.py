@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.cluster.launcher import preflight
 from orchestrator.config import load_config
-from orchestrator.launcher import preflight
-from orchestrator.retrain_config import is_retrain_file, load_retrain
+from orchestrator.config.retrain import is_retrain_file, load_retrain
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

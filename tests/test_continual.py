@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.continual import (
+from orchestrator.cluster.launcher import TrainResult
+from orchestrator.config.retrain import load_retrain, retrain_from_dict
+from orchestrator.errors import ConfigError, DataError
+from orchestrator.lifecycle.continual import (
     Gate,
     PoolEntry,
     RoundBusyError,
@@ -30,12 +33,9 @@ from orchestrator.continual import (
     trained_hashes,
     union_label_names,
 )
-from orchestrator.errors import ConfigError, DataError
-from orchestrator.launcher import TrainResult
-from orchestrator.registry import Registry
-from orchestrator.retrain_config import load_retrain, retrain_from_dict
-from orchestrator.retrain_report import write_report
-from orchestrator.scheduler import RetrainScheduler
+from orchestrator.lifecycle.registry import Registry
+from orchestrator.lifecycle.report import write_report
+from orchestrator.lifecycle.scheduler import RetrainScheduler
 
 # --------------------------------------------------------------------------------------------------
 # Pure parts
@@ -229,7 +229,7 @@ class FakeTrainer:
         self.jobs: list[Any] = []
 
     def __call__(self, config, *, address=None, progress=None) -> TrainResult:
-        from orchestrator.data import prepare_data
+        from orchestrator.data.sources import prepare_data
 
         self.jobs.append(config)
         data = prepare_data(config.data, config.model.task)  # the round's files must be readable
@@ -367,7 +367,7 @@ def test_union_labels_keep_old_ids_and_add_new_ones_in_a_stable_order():
 
 
 def _classifier(tiny_model: Path, labels: list[str], destination: Path) -> Path:
-    from orchestrator.models import load_model, load_tokenizer
+    from orchestrator.models.loading import load_model, load_tokenizer
 
     model = load_model(str(tiny_model), task="sequence-classification", label_names=labels)
     model.save_pretrained(destination)
@@ -380,7 +380,7 @@ def test_grow_classifier_keeps_the_old_labels_and_adds_fresh_rows(arch, tiny_mod
     import torch
 
     from orchestrator.errors import ModelError
-    from orchestrator.models import classifier_output_layer, load_model, load_tokenizer
+    from orchestrator.models.loading import classifier_output_layer, load_model, load_tokenizer
 
     old, new = ["negative", "positive"], ["negative", "positive", "Business", "Sci/Tech", "Sports", "World"]
     champion = _classifier(tiny_models[arch], old, tmp_path / "champion")
@@ -434,7 +434,7 @@ class _FixedLogits:
 def test_evaluation_is_over_the_eval_sets_own_labels(tmp_path):
     import torch
 
-    from orchestrator.train_loop import confusion_metrics, evaluate, restrict_logits
+    from orchestrator.train.recipe import confusion_metrics, evaluate, restrict_logits
 
     # 6 labels: negative, positive (SST-2), then four news labels. Truths are SST-2 labels only.
     logits = torch.tensor(
@@ -479,7 +479,7 @@ def test_evaluation_is_over_the_eval_sets_own_labels(tmp_path):
 
 def test_an_eval_set_restricted_to_labels_is_checked_and_recorded(tmp_path):
     from orchestrator.config import DataConfig
-    from orchestrator.data import prepare_data
+    from orchestrator.data.sources import prepare_data
 
     train = _shard(tmp_path, "train.tsv", 12, labels=("negative", "positive", "World", "Sports"))
     sst = _shard(tmp_path, "sst.tsv", 6, labels=("0", "1"))  # ids of the first two labels
@@ -726,8 +726,8 @@ def test_the_shipped_retrain_config_validates(shared_data, monkeypatch, tmp_path
 def test_l2_anchor_pulls_trainable_weights_toward_their_start():
     import torch
 
-    from orchestrator.anchor import WeightAnchor
     from orchestrator.methods.base import TrainBatchOutput
+    from orchestrator.train.weight_anchor import WeightAnchor
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     model[0].weight.requires_grad_(False)  # frozen parameters are not anchored

@@ -11,19 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+from orchestrator.budget import batches_per_epoch
 from orchestrator.config import DataConfig
-from orchestrator.data import (
+from orchestrator.data.readers import (
     Collator,
     PackedCollator,
     PackedReader,
-    PreparedData,
     RowReader,
-    batches_per_epoch,
     eval_batch_indices,
     pack_token_stream,
-    prepare_data,
     train_batch_indices,
 )
+from orchestrator.data.sources import PreparedData, prepare_data
 from orchestrator.errors import DataError, ModelError
 
 CLASSIFY = "sequence-classification"
@@ -452,7 +451,7 @@ def test_eval_batches_weight_every_row_exactly_once(n: int, world: int, batch: i
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from orchestrator.models import load_tokenizer, resolve_model_path
+    from orchestrator.models.loading import load_tokenizer, resolve_model_path
 
     try:
         return load_tokenizer(resolve_model_path("minilm"))

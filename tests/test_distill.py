@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.distill import (
+from orchestrator.errors import ConfigError
+from orchestrator.methods.teacher_student import (
     HiddenProjector,
     check_vocab_match,
     distillation_loss,
@@ -20,8 +21,7 @@ from orchestrator.distill import (
     parse_layer_map,
     student_from_teacher,
 )
-from orchestrator.errors import ConfigError
-from orchestrator.layers import find_blocks_module, find_layer_groups
+from orchestrator.models.layers import find_blocks_module, find_layer_groups
 
 
 def _softmax(z: list[float], temperature: float) -> list[float]:
@@ -228,7 +228,7 @@ def test_hidden_index_skips_the_embedding_output() -> None:
 @pytest.fixture(scope="module")
 def tiny4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """4-block tiny models (BERT encoder, GPT-2 and Llama causal LMs)."""
-    from orchestrator.testing import make_tiny_model
+    from tests.support.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny4")
     return {arch: make_tiny_model(root / arch, arch, layers=4) for arch in ("bert", "gpt2", "llama")}
@@ -304,7 +304,7 @@ def test_student_with_every_block_computes_what_the_teacher_does(tiny4: dict[str
 
 
 def test_student_default_keeps_every_kth_ending_on_the_top_block(tmp_path: Path) -> None:
-    from orchestrator.testing import make_tiny_model
+    from tests.support.tiny_models import make_tiny_model
 
     teacher = _load(make_tiny_model(tmp_path / "bert6", "bert", layers=6), "bert")
     _assert_cut_from(student_from_teacher(teacher, keep_every=3), teacher, [2, 5])

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from orchestrator.config import config_from_dict
-from orchestrator.distill import HiddenProjector
 from orchestrator.errors import ConfigError
-from orchestrator.layers import find_blocks_module, find_layer_groups
 from orchestrator.methods import MethodContext, get_method
-from orchestrator.methods.distill import LINEAGE_FILE, DistillationModule, resolve_placement
-from orchestrator.models import load_model, load_tokenizer
+from orchestrator.methods.distillation import LINEAGE_FILE, DistillationModule, resolve_placement
+from orchestrator.methods.teacher_student import HiddenProjector
+from orchestrator.models.layers import find_blocks_module, find_layer_groups
+from orchestrator.models.loading import load_model, load_tokenizer
 from tests.conftest import tiny_job
 
 LABELS = ["negative", "positive"]
@@ -26,7 +26,7 @@ CPU = MethodContext(model_path="", device=torch.device("cpu"), precision="fp32",
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """4-block tiny BERTs: hidden 32 (the width of the 2-block tiny_models BERT) and hidden 64."""
-    from orchestrator.testing import make_tiny_model
+    from tests.support.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("teachers")
     return {
@@ -299,7 +299,8 @@ def test_preflight_reports_teacher_path_and_depth_problems(teachers, tiny_models
 
 
 def test_unfreezing_schedules_the_students_blocks(teachers, tmp_path) -> None:
-    from orchestrator.train_loop import StepBudget, build_unfreezing
+    from orchestrator.budget import StepBudget
+    from orchestrator.train.recipe import build_unfreezing
 
     module, config = _prepare(teachers["bert4"], tmp_path, keep_every=2, hidden_weight=1.0)
     config.unfreeze = config.unfreeze.model_validate({"kind": "gradual", "every_steps": 2})
@@ -355,7 +356,7 @@ def test_lora_student_trains_only_adapters_and_head_and_exports_a_merged_model(t
 def test_eval_scores_the_teacher_side_by_side(teachers, tmp_path) -> None:
     """evaluate() on a distillation module: student metrics plus the teacher's accuracy, the agreement between
     them and each one's forward speed; off with distill.eval_teacher: false."""
-    from orchestrator.train_loop import evaluate
+    from orchestrator.train.recipe import evaluate
 
     module, _ = _prepare(teachers["bert4"], tmp_path, keep_every=2)
     batch = _batch(teachers["bert4"])

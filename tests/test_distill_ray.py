@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.cluster.launcher import run_training
 from orchestrator.config import config_from_dict
-from orchestrator.launcher import run_training
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def teacher4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from orchestrator.testing import make_tiny_model
+    from tests.support.tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("teacher") / "bert4", "bert", layers=4, seed=1)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orchestrator.config import JobConfig, config_from_dict
-from orchestrator.engine import (
+from orchestrator.train.engine import (
     WarmupDecay,
     build_deepspeed_config,
     build_optimizer,
@@ -282,7 +282,7 @@ def test_cpu_optimizer_is_torchs_fused_adamw_and_steps_like_the_reference(tiny_b
 
 
 def test_resident_tensor_memory_counts_each_storage_once() -> None:
-    from orchestrator.train_loop import resident_tensor_mb
+    from orchestrator.train.recipe import resident_tensor_mb
 
     before = resident_tensor_mb(torch.device("cpu"))
     block = torch.zeros(4 * 2**20 // 4)  # 4 MiB of fp32
@@ -299,7 +299,7 @@ def test_model_width_sees_through_wrappers_to_the_widest_model(tiny_models) -> N
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from orchestrator.engine import model_width
+    from orchestrator.train.engine import model_width
 
     student = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
@@ -319,7 +319,7 @@ ENGINE_IN_A_FRESH_PROCESS = """
 import os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 import deepspeed, torch
-from orchestrator.engine import skip_unused_cpu_comm_op
+from orchestrator.train.engine import skip_unused_cpu_comm_op
 
 model = torch.nn.Linear(4, 2)
 config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,

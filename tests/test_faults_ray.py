@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.cluster.launcher import run_training
 from orchestrator.config import config_from_dict
-from orchestrator.launcher import run_training
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
 from tests.test_job_submit import RAY, _free_ports, _job_dir, _stop_head, _user_env, ray_job_submit

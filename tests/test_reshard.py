@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.data import train_batch_indices
-from orchestrator.reshard import global_batch_warning, needs_universal, resume_position
+from orchestrator.data.readers import train_batch_indices
+from orchestrator.train.reshard import global_batch_warning, needs_universal, resume_position
 
 
 def _consumed_rows(n: int, *, epoch: int, world_size: int, batch_size: int, batches: int) -> list[int]:

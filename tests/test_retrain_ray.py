@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.cluster.jobs import job_client
 from orchestrator.config import config_from_dict
-from orchestrator.continual import sha256_file
-from orchestrator.registry import Registry
-from orchestrator.retrain_config import retrain_from_dict
-from orchestrator.retrain_report import write_report
-from orchestrator.scheduler import RetrainScheduler, job_state
-from orchestrator.submit import job_client
+from orchestrator.config.retrain import retrain_from_dict
+from orchestrator.lifecycle.continual import sha256_file
+from orchestrator.lifecycle.registry import Registry
+from orchestrator.lifecycle.report import write_report
+from orchestrator.lifecycle.scheduler import RetrainScheduler, job_state
 from orchestrator.tracking import read_metrics
 from tests.conftest import REPO, tiny_job
 from tests.test_job_submit import ray_head  # noqa: F401  (the fixture: a head of our own, stopped afterwards)
@@ -111,7 +111,7 @@ def _agnews_shard(shared_data: Path, path: Path, rows: int) -> Path:
 def test_a_round_with_a_new_label_space_grows_the_head(ray_cluster, tiny_models, shared_data, tmp_path):
     """SST-2 (negative/positive), then AG News: the second round trains a head over the union of the labels,
     and the SST-2 eval sets are still scored, over their own two labels."""
-    from orchestrator.continual import run_round
+    from orchestrator.lifecycle.continual import run_round
 
     job = tiny_job("tasks", tiny_models["bert"], shared_data, tmp_path / "runs", max_steps=4)
     job["training"].update(eval_every_steps=None, checkpoint_every_steps=None)
@@ -156,7 +156,7 @@ def test_a_round_with_a_new_label_space_grows_the_head(ray_cluster, tiny_models,
 
 
 def test_a_plain_training_run_registers_its_model(ray_cluster, tiny_models, shared_data, tmp_path):
-    from orchestrator.launcher import run_training
+    from orchestrator.cluster.launcher import run_training
 
     config = config_from_dict(tiny_job("plain", tiny_models["bert"], shared_data, tmp_path, max_steps=2))
     result = run_training(config)

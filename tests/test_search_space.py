@@ -9,16 +9,9 @@ import pytest
 from ray import tune
 
 from orchestrator.config import config_from_dict, load_config
+from orchestrator.config.search_space import check_search_space, parse_expression, parse_search_space
 from orchestrator.errors import ConfigError
-from orchestrator.search_space import check_search_space, parse_expression, parse_search_space
-from orchestrator.sweep import (
-    MetricStopper,
-    TrialRecord,
-    best_trial,
-    error_text,
-    plan_sweep,
-    plot_learning_curves,
-)
+from orchestrator.tune.sweep import MetricStopper, TrialRecord, best_trial, error_text, plan_sweep, plot_learning_curves
 from tests.conftest import REPO
 
 
@@ -314,9 +307,9 @@ def test_config_error_survives_pickling_as_ray_sends_trial_errors():
 def test_sweep_command_prints_the_results_table(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import orchestrator.sweep
+    import orchestrator.tune.sweep
     from orchestrator.cli import app
-    from orchestrator.sweep import SweepResult
+    from orchestrator.tune.sweep import SweepResult
 
     trials = [
         TrialRecord("a_00000", "completed", {"training.lr": 1e-3}, 0.81, 0.8, 8),
@@ -335,7 +328,7 @@ def test_sweep_command_prints_the_results_table(tmp_path, monkeypatch):
         plot=tmp_path / "s" / "learning_curves.png",
         wandb=None,
     )
-    monkeypatch.setattr(orchestrator.sweep, "resume_sweep", lambda sweep_dir, address=None: fake)
+    monkeypatch.setattr(orchestrator.tune.sweep, "resume_sweep", lambda sweep_dir, address=None: fake)
     result = CliRunner().invoke(app, ["sweep", "--resume", str(tmp_path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     for text in ("a_00001", "early stopped", "stopped: asha", "TrainingError: loss became nan", "0.8100"):
@@ -351,7 +344,7 @@ def test_at_most_the_allowed_trials_run_at_once_with_a_seeded_or_optuna_searcher
     generator itself must carry the limit (else every trial starts at once and their drivers pile up)."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    from orchestrator.sweep import _new_tuner
+    from orchestrator.tune.sweep import _new_tuner
     from tests.conftest import tiny_job
 
     job = tiny_job("conc", tiny_models["bert"], shared_data, tmp_path, max_steps=4, eval_every_steps=2)

@@ -40,7 +40,7 @@ import sys
 import ray
 
 from orchestrator.cli import app
-from orchestrator.registry import Registry
+from orchestrator.lifecycle.registry import Registry
 
 job, ray_dir, registry, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
 

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from orchestrator.config import config_from_dict
-from orchestrator.sweep import EVENTS_FILE, SWEEP_CONFIG_FILE, TRIALS_DIR, resume_sweep, run_sweep
 from orchestrator.tracking import read_metrics
-from orchestrator.wandb_reader import OfflineRun, find_offline_runs
+from orchestrator.tune.sweep import EVENTS_FILE, SWEEP_CONFIG_FILE, TRIALS_DIR, resume_sweep, run_sweep
 from tests.conftest import REPO, tiny_job
+from tests.support.wandb_offline import OfflineRun, find_offline_runs
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +168,7 @@ def test_failed_trial_is_recorded_and_a_killed_sweep_resumes_without_rerunning_f
             sys.executable,
             "-c",
             "import json, sys, ray; from orchestrator.config import config_from_dict; "
-            "from orchestrator.sweep import run_sweep; ray.init(address=sys.argv[2], log_to_driver=False); "
+            "from orchestrator.tune.sweep import run_sweep; ray.init(address=sys.argv[2], log_to_driver=False); "
             "run_sweep(config_from_dict(json.load(open(sys.argv[1]))))",
             str(config_file),
             ray_cluster.get_runtime_context().gcs_address,

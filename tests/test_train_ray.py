@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.cluster.launcher import run_training
 from orchestrator.config import config_from_dict
-from orchestrator.data import RowReader, prepare_data
-from orchestrator.launcher import run_training
+from orchestrator.data.readers import RowReader
+from orchestrator.data.sources import prepare_data
 from orchestrator.tracking import read_metrics
-from orchestrator.wandb_reader import find_offline_runs
 from tests.conftest import tiny_job
+from tests.support.wandb_offline import find_offline_runs
 
 pytestmark = pytest.mark.slow
 

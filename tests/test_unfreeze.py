@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from orchestrator.config import UnfreezeSection
-from orchestrator.layers import find_layer_groups
-from orchestrator.unfreeze import (
+from orchestrator.models.layers import find_layer_groups
+from orchestrator.train.unfreezing import (
     BackwardStop,
     Schedule,
     first_trainable_step,
@@ -225,7 +225,7 @@ def test_groups_frozen_for_the_run_leave_the_optimizer_and_later_groups_stay_in_
             assert (id(params[name]) in in_optimizer) == (index not in frozen), name
     assert sorted({g["layer_group"] for g in optimizer_groups}) == [2, 3]
 
-    from orchestrator.anchor import WeightAnchor
+    from orchestrator.train.weight_anchor import WeightAnchor
 
     anchor = WeightAnchor.capture(model, 0.1)  # pulls only what can train
     assert anchor is not None and {id(p) for p in anchor.params} == in_optimizer

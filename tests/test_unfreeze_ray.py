@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from orchestrator.cluster.launcher import run_training
 from orchestrator.config import config_from_dict
-from orchestrator.launcher import run_training
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
 

@@ -1,4 +1,4 @@
-"""orchestrator.wandb_reader against real offline runs written by the installed wandb."""
+"""tests.support.wandb_offline against real offline runs written by the installed wandb."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.wandb_reader import OfflineRun, find_offline_runs, iter_records, read_offline_run
+from tests.support.wandb_offline import OfflineRun, find_offline_runs, iter_records, read_offline_run
 
 WIDE_KEYS = 4000  # one history row of ~60 KB: split over several 32 KiB blocks (FIRST/MIDDLE/LAST chunks)
 

@@ -14,7 +14,7 @@ from orchestrator.methods.base import (
     get_method,
     register_method,
 )
-from orchestrator.methods.distill import Distill
+from orchestrator.methods.distillation import Distill
 from orchestrator.methods.full import FullFineTune
 from orchestrator.methods.lora import LoraMethod
 

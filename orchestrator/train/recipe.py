@@ -21,19 +21,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from orchestrator.anchor import WeightAnchor
+from orchestrator.budget import StepBudget, best_metric_name
 from orchestrator.config import JobConfig
-from orchestrator.data import (
+from orchestrator.data.readers import (
     Collator,
     PackedCollator,
     PackedReader,
-    PreparedData,
     RowReader,
-    batches_per_epoch,
     eval_batch_indices,
     train_batch_indices,
 )
-from orchestrator.engine import (
+from orchestrator.data.sources import PreparedData
+from orchestrator.errors import TrainingError
+from orchestrator.methods import MethodContext, get_method
+from orchestrator.models.layers import LayerGroups, find_layer_groups
+from orchestrator.models.loading import apply_liger_kernel, compile_blocks, load_model, load_tokenizer
+from orchestrator.tracking import Tracker
+from orchestrator.train.engine import (
     build_deepspeed_config,
     build_optimizer,
     build_scheduler,
@@ -42,12 +46,8 @@ from orchestrator.engine import (
     resolve_precision,
     skip_unused_cpu_comm_op,
 )
-from orchestrator.errors import TrainingError
-from orchestrator.export import export_hf_folder
-from orchestrator.layers import LayerGroups, find_layer_groups
-from orchestrator.methods import MethodContext, get_method
-from orchestrator.models import apply_liger_kernel, compile_blocks, load_model, load_tokenizer
-from orchestrator.reshard import (
+from orchestrator.train.export import export_hf_folder
+from orchestrator.train.reshard import (
     convert_to_universal,
     global_batch_warning,
     needs_universal,
@@ -55,8 +55,7 @@ from orchestrator.reshard import (
     resume_position,
     weights_l2,
 )
-from orchestrator.tracking import Tracker
-from orchestrator.unfreeze import (
+from orchestrator.train.unfreezing import (
     BackwardStop,
     GroupLR,
     Schedule,
@@ -66,6 +65,7 @@ from orchestrator.unfreeze import (
     resolve_schedule,
     trainable_groups,
 )
+from orchestrator.train.weight_anchor import WeightAnchor
 
 logger = logging.getLogger(__name__)
 
@@ -83,50 +83,12 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     samples_seen: int = 0
-    # The topology that wrote the checkpoint, so a resume on another world size can re-shard (orchestrator.reshard).
+    # The topology that wrote the checkpoint, so a resume on another world size can re-shard (train.reshard).
     world_size: int | None = None
     batch_size: int | None = None  # micro-batch per worker
     grad_accumulation: int | None = None
     zero_stage: int | None = None
     total_steps: int | None = None
-
-
-@dataclass(frozen=True)
-class StepBudget:
-    total_steps: int
-    batches_per_epoch: int
-
-    @classmethod
-    def for_job(cls, config: JobConfig, n_train: int, world_size: int) -> StepBudget:
-        t = config.training
-        per_epoch = batches_per_epoch(n_train, world_size, t.batch_size_per_worker)
-        if per_epoch == 0:
-            raise TrainingError(
-                f"{n_train} training rows are too few for {world_size} workers x batch size "
-                f"{t.batch_size_per_worker}; lower training.batch_size_per_worker or scaling.num_workers"
-            )
-        if t.max_steps is not None:
-            total = t.max_steps
-        else:
-            total = max(1, int(t.epochs * per_epoch) // t.grad_accumulation)
-        return cls(total_steps=total, batches_per_epoch=per_epoch)
-
-
-def best_metric_name(config: JobConfig, data: PreparedData) -> tuple[str | None, str]:
-    t = config.training
-    if t.metric != "auto":
-        mode = (
-            t.metric_mode
-            if t.metric_mode != "auto"
-            else ("min" if t.metric.endswith(("loss", "perplexity")) else "max")
-        )
-        return t.metric, mode
-    if not data.evals:
-        return None, "max"
-    first = data.evals[0].name
-    if config.model.task == "causal-lm":
-        return f"{first}/loss", "min"
-    return f"{first}/accuracy", "max"
 
 
 def _quiet_libraries() -> None:
@@ -382,7 +344,7 @@ def _upload_part_then_fail(checkpoint: Any, checkpoint_dir_name: str) -> Any:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    """Entry point run by every Ray Train worker (see ``orchestrator.launcher``)."""
+    """Entry point run by every Ray Train worker (see ``orchestrator.cluster.launcher``)."""
     setup = {"worker_entry": time.time()}  # where start-up time goes, logged with the start record
     import deepspeed
     import ray.train
@@ -428,7 +390,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     inherited = checkpoint is None and bool(payload.get("init_checkpoint"))
     if inherited:
         checkpoint = ray.train.Checkpoint(payload["init_checkpoint"])
-    # A checkpoint written by another number of workers is re-sharded on load (orchestrator.reshard explains how);
+    # A checkpoint written by another number of workers is re-sharded on load (orchestrator.train.reshard explains how);
     # its state is read first because the engine must be built for that.
     saved = read_saved_state(checkpoint, STATE_FILE) if checkpoint is not None else None
     new_world_size = saved is not None and saved.get("world_size") not in (None, world_size)
@@ -454,7 +416,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         scheduler = build_scheduler(optimizer, config, budget.total_steps)
     else:
         # Groups this run never trains leave the optimizer; the others stay in it at LR 0 until their step
-        # (orchestrator.unfreeze explains the two tiers).
+        # (orchestrator.train.unfreezing explains the two tiers).
         frozen_for_run = groups_frozen_for_run(unfreezing.schedule, budget.total_steps)
         freeze_groups(model, unfreezing.groups, frozen_for_run)
         groups = layered_param_groups(model, unfreezing.groups, t.weight_decay)

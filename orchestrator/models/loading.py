@@ -256,7 +256,7 @@ def compile_blocks(model: Any) -> int:
     2.11, liger-kernel 0.8.5; eager Liger matches transformers). Compiling block by block (as torchtune does) keeps
     inductor's fusions where the time goes and the fused loss outside the graph.
     """
-    from orchestrator.layers import find_blocks_module
+    from orchestrator.models.layers import find_blocks_module
 
     _, blocks = find_blocks_module(model)
     for block in blocks:

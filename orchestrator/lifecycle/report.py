@@ -11,7 +11,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.registry import ModelRecord, Registry, RegistryError
+from orchestrator.lifecycle.registry import ModelRecord, Registry, RegistryError
 
 
 @dataclass

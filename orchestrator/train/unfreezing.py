@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.layers import LayerGroups
+from orchestrator.models.layers import LayerGroups
 
 
 @dataclass(frozen=True)

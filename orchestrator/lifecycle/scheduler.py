@@ -24,10 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestrator.continual import HashCache, find_new_data
+from orchestrator.config.retrain import LoadedRetrain
 from orchestrator.errors import OrchestratorError
-from orchestrator.registry import Registry, RoundRecord, code_version
-from orchestrator.retrain_config import LoadedRetrain
+from orchestrator.lifecycle.continual import HashCache, find_new_data
+from orchestrator.lifecycle.registry import Registry, RoundRecord, code_version
 
 TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -191,7 +191,7 @@ class RetrainScheduler:
         )
 
     def runtime_env(self) -> dict[str, Any]:
-        from orchestrator.submit import DEFAULT_PASSTHROUGH_ENV
+        from orchestrator.cluster.jobs import DEFAULT_PASSTHROUGH_ENV
 
         if not (self.working_dir / "jobs" / "retrain.py").is_file():
             raise OrchestratorError(

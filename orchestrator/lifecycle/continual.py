@@ -10,7 +10,7 @@ The parts are pure functions, testable without a cluster:
 
 :func:`run_round` assembles them: it writes the round's training file (new rows + replay sample) and eval
 holdout under the round's run dir, writes the round's job config (``round.yaml``), trains it with
-:func:`orchestrator.launcher.run_training`, registers the candidate with its lineage and applies the gate.
+:func:`orchestrator.cluster.launcher.run_training`, registers the candidate with its lineage and applies the gate.
 
 A new label space (SST-2 negative/positive, then AG News World/Sports/Business/Sci/Tech) grows the head
 over the union of the labels, so forgetting across tasks can be measured:
@@ -18,7 +18,7 @@ over the union of the labels, so forgetting across tasks can be measured:
 * **Union label space.** The round's labels are the champion's, ids unchanged, then the labels it does not
   know, sorted (:func:`union_label_names`: the order never depends on the order rows or files arrive in).
 * **Expanded head.** The round job sets ``model.grow_head``: each worker loads the champion with its own
-  label count and grows the classifier's output layer (:func:`orchestrator.models.grow_classifier`): old rows
+  label count and grows the classifier's output layer (:func:`orchestrator.models.loading.grow_classifier`): old rows
   (weights and bias) copied, new rows initialised like a fresh head, everything else loaded as is. The
   exported model's config (num_labels, id2label, label2id) is the union.
 * **Evaluation per task.** Each label group (the labels one round added, :func:`label_groups`) is a task.
@@ -55,9 +55,9 @@ import numpy as np
 import yaml
 
 from orchestrator.config import DataSource, JobConfig, config_from_dict
+from orchestrator.config.retrain import LoadedRetrain, retrain_from_dict
 from orchestrator.errors import DataError, OrchestratorError
-from orchestrator.registry import ModelRecord, Registry, RoundRecord, local_artifact, registry_path
-from orchestrator.retrain_config import LoadedRetrain, retrain_from_dict
+from orchestrator.lifecycle.registry import ModelRecord, Registry, RoundRecord, local_artifact, registry_path
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def compute_forgetting(history: dict[str, list[float]], new_scores: dict[str, fl
 
 @dataclass(frozen=True)
 class Gate:
-    """The gate's thresholds (see :class:`orchestrator.retrain_config.GateSection`), 'auto' decided."""
+    """The gate's thresholds (see :class:`orchestrator.config.retrain.GateSection`), 'auto' decided."""
 
     metric: str
     mode: str
@@ -313,7 +313,8 @@ def read_rows(source: DataSource, *, task: str, on_bad_rows: str, label_names: l
         DataError: unreadable file or bad row; or an integer label beyond the model's ids while its labels are
             names (a new label or a typo?), naming both label sets.
     """
-    from orchestrator.data import RowReader, scan_source
+    from orchestrator.data.readers import RowReader
+    from orchestrator.data.sources import scan_source
 
     discovered: dict[str, int] = {}
     scanned = scan_source(source, task=task, label_to_id=None, on_bad_rows=on_bad_rows, collect_labels=discovered)
@@ -422,7 +423,7 @@ def task_labels(found: Iterable[str], groups: Sequence[Sequence[str]]) -> list[s
 
 def _labels_in(source: dict[str, Any], *, task: str, label_names: list[str], on_bad_rows: str) -> set[str]:
     """The label names that occur in an eval file (ids mapped to names as training maps them)."""
-    from orchestrator.data import scan_source
+    from orchestrator.data.sources import scan_source
 
     scanned = scan_source(
         DataSource.model_validate(source),
@@ -752,13 +753,13 @@ def run_round(
         round_id: a round already claimed in the registry (by the scheduler); claimed here when None.
         registry: default: the base job's registry.
         progress: passed to run_training.
-        train: replaces :func:`orchestrator.launcher.run_training` (tests).
+        train: replaces :func:`orchestrator.cluster.launcher.run_training` (tests).
 
     Raises:
         RoundBusyError: another round of this model is running.
     """
-    from orchestrator.launcher import run_training
-    from orchestrator.registry import register_run
+    from orchestrator.cluster.launcher import run_training
+    from orchestrator.lifecycle.registry import register_run
 
     registry = registry or open_round_registry(loaded)
     name = loaded.name

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.models import load_tokenizer, resolve_model_path
+from orchestrator.models.loading import load_tokenizer, resolve_model_path
 
 TINY_ARCHITECTURES = ("bert", "gpt2", "llama")
 

@@ -6,7 +6,7 @@ The flow, top to bottom:
    job, metric, model and data, budgets) and reports every problem at once.
 2. :func:`run_sweep` (or :func:`resume_sweep` after the driver died) starts Ray, sizes trial concurrency so
    that running trials always get all their workers, and runs a ``ray.tune.Tuner`` whose trainable is
-   :func:`orchestrator.sweep_trial.run_trial` (one ``TorchTrainer`` per trial; see that module for how a
+   :func:`orchestrator.tune.trial.run_trial` (one ``TorchTrainer`` per trial; see that module for how a
    stopped trial's workers and placement group are freed).
 3. The results are collected into :class:`SweepResult`: a CSV/JSON table of every trial (params, metric,
    steps, status), a PNG of every learning curve, the best trial's model as an HF folder, and W&B (one run
@@ -36,10 +36,10 @@ from typing import Any
 import yaml
 
 from orchestrator.config import JobConfig, TuneSection, config_from_dict, set_dotted
+from orchestrator.config.search_space import Distribution, check_search_space, parse_search_space
 from orchestrator.errors import ConfigError, ConfigIssue, OrchestratorError, TrainingError
-from orchestrator.search_space import Distribution, check_search_space, parse_search_space
-from orchestrator.sweep_trial import TrialPlan, ended_gracefully, trial_job_name, trial_trainable
 from orchestrator.tracking import read_metrics
+from orchestrator.tune.trial import TrialPlan, ended_gracefully, trial_job_name, trial_trainable
 
 SWEEP_CONFIG_FILE = "sweep_config.yaml"
 TUNE_DIR = "tune"
@@ -122,8 +122,8 @@ def plan_sweep(config: JobConfig, *, resume: bool = False, source: str | None = 
     Raises:
         ConfigError: listing every problem (search space, metric, model, data, budgets, an existing sweep).
     """
-    from orchestrator.launcher import preflight
-    from orchestrator.train_loop import best_metric_name
+    from orchestrator.budget import best_metric_name
+    from orchestrator.cluster.launcher import preflight
 
     if config.tune is None:
         raise ConfigError(
@@ -233,7 +233,7 @@ def _base_job(config: JobConfig) -> dict[str, Any]:
 
 def _evals_per_trial(base: dict[str, Any], space: dict[str, Distribution], n_train: int) -> int:
     """Eval intervals of the longest trial, over the values of the searched budget fields."""
-    from orchestrator.train_loop import StepBudget
+    from orchestrator.budget import StepBudget
 
     paths = [p for p in space if p in _BUDGET_FIELDS]
     longest = 1
@@ -290,7 +290,7 @@ def resume_sweep(sweep_dir: str | Path, *, address: str | None = None, verbose: 
 def _run(plan: SweepPlan, *, address: str | None, restore: bool, verbose: bool) -> SweepResult:
     from ray import tune
 
-    from orchestrator.launcher import _ensure_ray, check_cluster_fits
+    from orchestrator.cluster.launcher import _ensure_ray, check_cluster_fits
 
     _ensure_ray(address)
     use_gpu = check_cluster_fits(config_from_dict(plan.base))

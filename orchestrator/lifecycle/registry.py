@@ -1,7 +1,7 @@
 """Model registry and lineage: one SQLite file beside the artifacts (no server needed).
 
 Every job that exports a model registers it (:func:`register_run`, called from
-:func:`orchestrator.launcher.run_training`): id ``<name>-v<N>``, parent (the registered model or the base
+:func:`orchestrator.cluster.launcher.run_training`): id ``<name>-v<N>``, parent (the registered model or the base
 model folder it started from; the teacher for a distilled student), method, base model and its licence,
 data files with sha256 and row counts, the full validated config, metrics per eval set, artifact location,
 code version, time and status.
@@ -42,8 +42,8 @@ import yaml
 from orchestrator.errors import ModelError, OrchestratorError
 
 if TYPE_CHECKING:
+    from orchestrator.cluster.launcher import Preflight, TrainResult
     from orchestrator.config import JobConfig
-    from orchestrator.launcher import Preflight, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -756,7 +756,7 @@ def metrics_by_eval_set(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve_quietly(spec: str) -> str:
-    from orchestrator.models import resolve_model_path
+    from orchestrator.models.loading import resolve_model_path
 
     try:
         return resolve_model_path(spec)
@@ -784,7 +784,7 @@ def register_run(
 
     Args:
         config: the job as run.
-        result: what :func:`orchestrator.launcher.run_training` returned.
+        result: what :func:`orchestrator.cluster.launcher.run_training` returned.
         checked: its preflight (for the resolved model path); resolved again when not given.
         name: registry name (default: the job name); versions count up per name.
         status: 'candidate' (default) or 'champion'.

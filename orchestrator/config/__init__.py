@@ -328,13 +328,13 @@ class DistillSection(_Section):
 
 
 def _check_search_expression(value: Any) -> Any:
-    from orchestrator.search_space import parse_expression
+    from orchestrator.config.search_space import parse_expression
 
     parse_expression(value)  # raises ValueError saying what is wrong
     return value
 
 
-# A search-space value: an expression such as 'loguniform(1e-5, 1e-3)' (see orchestrator.search_space).
+# A search-space value: an expression such as 'loguniform(1e-5, 1e-3)' (see orchestrator.config.search_space).
 SearchExpression = TypeAliasType(
     "SearchExpression",
     Annotated[
@@ -452,7 +452,7 @@ class TuneSection(_Section):
 
     @model_validator(mode="after")
     def _searcher_fits(self) -> TuneSection:
-        from orchestrator.search_space import parse_search_space
+        from orchestrator.config.search_space import parse_search_space
 
         space = parse_search_space(self.search_space)
         grid = sorted(path for path, dist in space.items() if dist.is_grid)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.errors import ConfigError, ConfigIssue, ModelError
-from orchestrator.layers import find_blocks_module
+from orchestrator.models.layers import find_blocks_module
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -245,7 +245,7 @@ class HiddenProjector(nn.Module):
     train with the student, so they belong in the student's optimizer and checkpoint.
 
     The projections sit in an ``nn.ModuleDict`` keyed ``"0"``, ``"1"``, ... (parameter names as with a list),
-    not an ``nn.ModuleList``: layer-group discovery (:func:`orchestrator.layers.find_blocks_module`) takes the
+    not an ``nn.ModuleList``: layer-group discovery (:func:`orchestrator.models.layers.find_blocks_module`) takes the
     longest ModuleList of identical modules for the transformer blocks, and a module holding student and
     projector together must not offer the projections as candidates.
 

@@ -3,7 +3,7 @@
 How it fits the engine:
 
 * **What DeepSpeed wraps.** :meth:`Distill.prepare_model` returns a :class:`DistillationModule` whose module tree
-  holds only what trains: the student and the hidden-state projector (:class:`orchestrator.distill.HiddenProjector`,
+  holds only what trains: the student and the hidden-state projector (``teacher_student.HiddenProjector``,
   learned maps from the student's width to the teacher's; none when ``hidden_weight`` is 0, parameter-free when the
   widths match). The frozen teacher is kept *outside* the tree (in the instance ``__dict__``), so DeepSpeed neither
   casts, shards nor optimises it, checkpoints leave it out (resuming reloads it from ``distill.teacher``), the
@@ -18,13 +18,13 @@ How it fits the engine:
   ``auto``: sharded when the teacher's weights would take over 40% of one GPU's memory and there is more than one
   worker, else replicated (always replicated on CPU).
 * **The student** (``distill.student_init``). ``teacher_layers``: a shallower copy of the teacher
-  (:func:`orchestrator.distill.student_from_teacher`, DistilBERT-style), head included; the model loaded from
+  (``teacher_student.student_from_teacher``, DistilBERT-style), head included; the model loaded from
   ``model.path`` then only lends its tokenizer, label names and dtype. ``pretrained``: the model loaded from
   ``model.path``, as it is. Either way teacher and ``model.path`` must share one tokenizer
-  (:func:`orchestrator.distill.check_vocab_match`), checked before the job takes workers (:meth:`Distill.preflight`)
+  (``teacher_student.check_vocab_match``), checked before the job takes workers (:meth:`Distill.preflight`)
   and again on each worker. With a ``lora`` section the student is wrapped in LoRA adapters (the same PEFT setup as
   ``method: lora``): its blocks stay frozen but for the adapters, the head and the projector train in full.
-* **The loss.** :func:`orchestrator.distill.distillation_loss`: ``alpha·CE + kd_weight·KD + hidden_weight·hidden``;
+* **The loss.** ``teacher_student.distillation_loss``: ``alpha·CE + kd_weight·KD + hidden_weight·hidden``;
   the unweighted terms are logged as ``train/loss_ce``, ``train/loss_kd`` and ``train/loss_hidden``. In eval mode
   (``engine.eval()``) the module runs only the student and returns its logits and its own loss on the labels.
 * **Export.** Only the student, as a plain Hugging Face folder, plus ``distill_lineage.json`` naming the teacher,
@@ -43,7 +43,9 @@ import torch
 from torch import nn
 
 from orchestrator.config import DistillSection, JobConfig
-from orchestrator.distill import (
+from orchestrator.errors import ConfigError, ConfigIssue, ModelError
+from orchestrator.methods.base import MethodContext, TrainBatchOutput
+from orchestrator.methods.teacher_student import (
     HiddenProjector,
     _kept_layers,
     check_vocab_match,
@@ -51,10 +53,8 @@ from orchestrator.distill import (
     parse_layer_map,
     student_from_teacher,
 )
-from orchestrator.errors import ConfigError, ConfigIssue, ModelError
-from orchestrator.layers import find_blocks_module
-from orchestrator.methods.base import MethodContext, TrainBatchOutput
-from orchestrator.models import load_model, load_tokenizer, resolve_model_path
+from orchestrator.models.layers import find_blocks_module
+from orchestrator.models.loading import load_model, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import JobConfig
-from orchestrator.data import PreparedData, prepare_data
+from orchestrator.data.sources import PreparedData, prepare_data
 from orchestrator.errors import ConfigError, ConfigIssue, DataError, ModelError, OrchestratorError
 from orchestrator.methods import get_method
-from orchestrator.models import resolve_model_path
+from orchestrator.models.loading import resolve_model_path
 from orchestrator.tracking import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,8 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.train_loop import best_metric_name, train_loop_per_worker
+    from orchestrator.budget import best_metric_name
+    from orchestrator.train.recipe import train_loop_per_worker
 
     config = checked.config
     s = config.scaling
@@ -295,7 +296,7 @@ def run_training(
     )
     # Model registry (issue #6): every job that exports a model registers it as a candidate.
     if config.output.registry:
-        from orchestrator.registry import register_run
+        from orchestrator.lifecycle.registry import register_run
 
         record = register_run(config, train_result, checked)
         train_result.model_id = record.id if record is not None else None
