@@ -6,7 +6,9 @@ Public API (everything else may change):
     result = run_training(load_config("configs/quickstart.yaml"))
 """
 
-from orchestrator.cluster.launcher import TrainResult, preflight, run_training
+from orchestrator.cluster.launcher import run_training
+from orchestrator.cluster.preflight import preflight
+from orchestrator.cluster.results import TrainResult
 from orchestrator.config import JobConfig, config_from_dict, json_schema, load_config
 from orchestrator.errors import ConfigError, DataError, ModelError, OrchestratorError, TrainingError
 from orchestrator.methods import register_method

@@ -145,7 +145,7 @@ def validate(
     check_data: bool = typer.Option(True, "--check-data/--no-check-data", help="Also scan data files and model paths."),
 ) -> None:
     """Check job files and report every problem in every file at once."""
-    from orchestrator.cluster.launcher import preflight
+    from orchestrator.cluster.preflight import preflight
     from orchestrator.config.retrain import is_retrain_file, load_retrain
 
     failed = 0

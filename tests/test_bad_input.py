@@ -26,7 +26,8 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import cli
-from orchestrator.cluster.launcher import preflight, run_training
+from orchestrator.cluster.launcher import run_training
+from orchestrator.cluster.preflight import preflight
 from orchestrator.config import config_from_dict, load_config
 from orchestrator.config.retrain import load_retrain
 from orchestrator.errors import OrchestratorError

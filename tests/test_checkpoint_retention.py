@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.cluster.launcher import build_trainer, preflight
+from orchestrator.cluster.launcher import build_trainer
+from orchestrator.cluster.preflight import preflight
 from orchestrator.config import config_from_dict
 from orchestrator.errors import ConfigError
 from tests.conftest import tiny_job

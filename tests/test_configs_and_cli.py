@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cluster.launcher import preflight
+from orchestrator.cluster.preflight import preflight
 from orchestrator.config import load_config
 from orchestrator.config.retrain import is_retrain_file, load_retrain
 from tests.conftest import REPO

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.cluster.launcher import TrainResult
+from orchestrator.cluster.results import TrainResult
 from orchestrator.config.retrain import load_retrain, retrain_from_dict
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.lifecycle.continual import (

@@ -52,7 +52,8 @@ def test_use_gpu_auto_follows_the_cluster_and_picks_nccl(cluster_gpus, setting, 
                                                          shared_data, tmp_path, monkeypatch) -> None:
     import ray
 
-    from orchestrator.cluster.launcher import build_trainer, check_cluster_fits, preflight
+    from orchestrator.cluster.launcher import build_trainer
+    from orchestrator.cluster.preflight import check_cluster_fits, preflight
 
     job = tiny_job("gpu-auto", tiny_models["bert"], shared_data, tmp_path)
     job["scaling"]["use_gpu"] = setting
@@ -84,7 +85,7 @@ def test_liger_kernel_on_a_cluster_without_gpus_fails_before_taking_resources(ti
                                                                                monkeypatch) -> None:
     import ray
 
-    from orchestrator.cluster.launcher import check_cluster_fits
+    from orchestrator.cluster.preflight import check_cluster_fits
     from orchestrator.errors import OrchestratorError
 
     job = tiny_job("liger-cpu", tiny_models["llama"], shared_data, tmp_path, task="causal-lm", stage=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.cluster.launcher import preflight
+from orchestrator.cluster.preflight import preflight
 from orchestrator.config import config_from_dict
 from orchestrator.errors import ConfigError, ModelError
 from orchestrator.methods.base import MethodContext

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cluster.launcher import TrainResult
+from orchestrator.cluster.results import TrainResult
 from orchestrator.config import config_from_dict
 from orchestrator.lifecycle.registry import (
     Registry,

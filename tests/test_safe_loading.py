@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.cluster.launcher import preflight
+from orchestrator.cluster.preflight import preflight
 from orchestrator.config import config_from_dict
 from orchestrator.train.recipe import _restore_rng, _rng_state
 
@@ -72,13 +72,13 @@ def test_trust_remote_code_is_a_warning_before_anything_loads(
         "data": {"train": {"path": str(train), "text_column": "sentence"}},
         "output": {"dir": str(tmp_path / "runs")},
     }
-    with caplog.at_level(logging.WARNING, logger="orchestrator.cluster.launcher"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.cluster.preflight"):
         preflight(config_from_dict(job))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("trust_remote_code is ON" in w and str(tiny_models["bert"]) in w for w in warnings), warnings
 
     caplog.clear()
     job["model"]["trust_remote_code"] = False
-    with caplog.at_level(logging.WARNING, logger="orchestrator.cluster.launcher"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.cluster.preflight"):
         preflight(config_from_dict(job))
     assert not [r for r in caplog.records if "trust_remote_code" in r.getMessage()]

@@ -9,105 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from orchestrator.cluster.preflight import Preflight, check_cluster_fits, preflight
+from orchestrator.cluster.results import TrainResult
 from orchestrator.config import JobConfig
-from orchestrator.data.sources import PreparedData, prepare_data
-from orchestrator.errors import ConfigError, ConfigIssue, DataError, ModelError, OrchestratorError
-from orchestrator.methods import get_method
-from orchestrator.models.loading import resolve_model_path
 from orchestrator.tracking import read_metrics
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Preflight:
-    config: JobConfig
-    model_path: str
-    data: PreparedData
-    run_dir: Path
-    storage_path: Path
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    metrics: dict[str, Any]
-    best_metric: float | None
-    final_model: Path | None
-    best_model: Path | None
-    checkpoint_path: str | None
-    wandb: str | None
-    data: dict[str, Any] = field(default_factory=dict)
-    model_id: str | None = None  # the registry id of the exported model (output.registry)
-
-
-def preflight(config: JobConfig, *, resume: bool = False, source: str | None = None) -> Preflight:
-    """Check everything that can be checked before taking cluster resources; report all problems at once.
-
-    Raises:
-        ConfigError: listing every problem (missing model, bad data rows, unwritable output, ...).
-    """
-    issues: list[ConfigIssue] = []
-    if config.model.trust_remote_code:
-        logger.warning(
-            "model.trust_remote_code is ON: Python code shipped with %s%s will run here and in every worker; "
-            "set it only for a model source you trust",
-            config.model.path,
-            f" and {config.distill.teacher}" if config.distill is not None else "",
-        )
-    model_path = ""
-    try:
-        model_path = resolve_model_path(config.model.path)
-    except ModelError as exc:
-        issues.append(ConfigIssue(location="model.path", message=str(exc).removeprefix("model.path: ")))
-    if model_path:
-        method_preflight = getattr(get_method(config.method), "preflight", None)
-        if method_preflight is not None:
-            issues.extend(method_preflight(config, model_path))
-    data = None
-    try:
-        data = prepare_data(config.data, config.model.task)
-    except DataError as exc:
-        issues.append(ConfigIssue(location="data", message=str(exc)))
-    if config.deepspeed.config_file and not Path(config.deepspeed.config_file).is_file():
-        issues.append(
-            ConfigIssue(location="deepspeed.config_file", message=f"{config.deepspeed.config_file} not found")
-        )
-    run_dir = (Path(config.output.dir).expanduser() / config.name).resolve()
-    storage = Path(config.output.storage_path).expanduser().resolve() if config.output.storage_path else run_dir / "ray"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        issues.append(
-            ConfigIssue(
-                location="output.dir",
-                message=f"cannot write to {run_dir} ({exc.strerror or exc})",
-                hint="choose a writable output.dir",
-            )
-        )
-    existing = storage / config.name
-    if not resume and existing.exists() and any(p.is_dir() for p in existing.glob("checkpoint_*")):
-        issues.append(
-            ConfigIssue(
-                location="name",
-                message=f"a run named {config.name!r} already has checkpoints in {existing}",
-                hint="pass --resume to continue it, or choose another name (nothing is overwritten)",
-            )
-        )
-    if issues:
-        raise ConfigError(issues, source=source)
-    assert data is not None
-    return Preflight(config=config, model_path=model_path, data=data, run_dir=run_dir, storage_path=storage)
-
-
-def _ensure_ray(address: str | None) -> None:
+def ensure_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -115,43 +27,6 @@ def _ensure_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers and the local head get the same environment; W&B reads WANDB_API_KEY from it.
     ray.init(address=address)
-
-
-def check_cluster_fits(config: JobConfig) -> bool:
-    """Decide use_gpu and fail fast when the cluster can never hold the requested workers.
-
-    Returns:
-        Whether workers use GPUs.
-    """
-    import ray
-
-    total = ray.cluster_resources()
-    s = config.scaling
-    gpus = total.get("GPU", 0.0)
-    use_gpu = gpus > 0 if s.use_gpu == "auto" else bool(s.use_gpu)
-    problems = []
-    need_cpu = s.num_workers * s.cpus_per_worker
-    if need_cpu > total.get("CPU", 0.0):
-        problems.append(
-            f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPU = {need_cpu:g} CPUs, but the cluster has "
-            f"{total.get('CPU', 0):g}; lower scaling.num_workers or scaling.cpus_per_worker"
-        )
-    if use_gpu and s.num_workers * s.gpus_per_worker > gpus:
-        problems.append(
-            f"scaling: {s.num_workers} workers x {s.gpus_per_worker:g} GPU, but the cluster has {gpus:g} GPUs; "
-            "lower scaling.num_workers or set scaling.use_gpu: false"
-        )
-    for name, amount in s.resources_per_worker.items():
-        if s.num_workers * amount > total.get(name, 0.0):
-            problems.append(f"scaling.resources_per_worker.{name}: the cluster has {total.get(name, 0):g} in all")
-    if config.model.liger_kernel and not use_gpu:
-        problems.append(
-            "model.liger_kernel: Liger's Triton kernels run on GPU workers only, and this job's workers have none; "
-            "set model.liger_kernel: false (or scaling.use_gpu: true on a cluster with GPUs)"
-        )
-    if problems:
-        raise OrchestratorError("the job can never be scheduled on this cluster:\n  - " + "\n  - ".join(problems))
-    return use_gpu
 
 
 def build_trainer(
@@ -252,7 +127,7 @@ def run_training(
         progress: called with the run's metrics records while training runs (for progress bars).
     """
     checked = preflight(config, resume=resume, source=source)
-    _ensure_ray(address)
+    ensure_ray(address)
     use_gpu = check_cluster_fits(config)
     trainer = build_trainer(checked, use_gpu=use_gpu)
 

@@ -42,7 +42,8 @@ import yaml
 from orchestrator.errors import ModelError, OrchestratorError
 
 if TYPE_CHECKING:
-    from orchestrator.cluster.launcher import Preflight, TrainResult
+    from orchestrator.cluster.preflight import Preflight
+    from orchestrator.cluster.results import TrainResult
     from orchestrator.config import JobConfig
 
 logger = logging.getLogger(__name__)

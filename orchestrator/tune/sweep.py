@@ -123,7 +123,7 @@ def plan_sweep(config: JobConfig, *, resume: bool = False, source: str | None = 
         ConfigError: listing every problem (search space, metric, model, data, budgets, an existing sweep).
     """
     from orchestrator.budget import best_metric_name
-    from orchestrator.cluster.launcher import preflight
+    from orchestrator.cluster.preflight import preflight
 
     if config.tune is None:
         raise ConfigError(
@@ -290,9 +290,10 @@ def resume_sweep(sweep_dir: str | Path, *, address: str | None = None, verbose: 
 def _run(plan: SweepPlan, *, address: str | None, restore: bool, verbose: bool) -> SweepResult:
     from ray import tune
 
-    from orchestrator.cluster.launcher import _ensure_ray, check_cluster_fits
+    from orchestrator.cluster.launcher import ensure_ray
+    from orchestrator.cluster.preflight import check_cluster_fits
 
-    _ensure_ray(address)
+    ensure_ray(address)
     use_gpu = check_cluster_fits(config_from_dict(plan.base))
     concurrency = trial_concurrency(plan, use_gpu=use_gpu)
     trial_plan = TrialPlan(

@@ -254,7 +254,8 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     from ray import tune
     from ray.util.queue import Empty, Queue
 
-    from orchestrator.cluster.launcher import build_trainer, preflight
+    from orchestrator.cluster.launcher import build_trainer
+    from orchestrator.cluster.preflight import preflight
 
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(plan, params, trial_id)
