@@ -53,7 +53,8 @@ def render() -> str:
     header = [
         "# Job config reference",
         "",
-        "Generated from `orchestrator/config.py` by `scripts/gen_config_docs.py`; the JSON schema is",
+        "Generated from `orchestrator/config/` (`sections.py`, `tune_sections.py`, `job.py`) by "
+        "`scripts/gen_config_docs.py`; the JSON schema is",
         "`orchestrator schema`. Unknown keys are errors. Strings may use `${VAR}` and `${VAR:-default}`.",
         "",
         "| field | type | default | meaning |",

@@ -3,7 +3,7 @@ problem reported at once, like job files.
 
 A retrain file names a base job (a job file, or inline), the folder watched for new data, how much earlier
 data to replay, the promotion gate, and when the scheduler runs a round. Each round is the base job with
-its training data, eval sets and starting model replaced (see :mod:`orchestrator.lifecycle.continual`).
+its training data, eval sets and starting model replaced (see :mod:`orchestrator.lifecycle.rounds`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -58,17 +59,39 @@ def model_loss(model: Any, batch: dict[str, torch.Tensor]) -> TrainBatchOutput:
     return TrainBatchOutput(loss=outputs.loss, logits=outputs.logits)
 
 
-_METHODS: dict[str, Method] = {}
+_METHODS: dict[str, Method] = {}  # name -> method, imported
+_LAZY_METHODS: dict[str, str] = {}  # name -> "module:attribute" of its class, imported on first get_method
 
 
 def register_method(method: Method) -> None:
     """Make a method available as ``method: <name>`` in job configs."""
-    if method.name in _METHODS:
+    if method.name in _METHODS or method.name in _LAZY_METHODS:
         raise ValueError(f"a method named {method.name!r} is already registered")
     _METHODS[method.name] = method
 
 
+def _register_lazy_method(name: str, target: str) -> None:
+    """Make a method available by name without importing it: ``target`` (``"package.module:ClassName"``)
+    is imported and instantiated (no arguments) on the first ``get_method(name)``.
+
+    Raises:
+        ValueError: when a method of that name is already registered.
+    """
+    if name in _METHODS or name in _LAZY_METHODS:
+        raise ValueError(f"a method named {name!r} is already registered")
+    _LAZY_METHODS[name] = target
+
+
 def get_method(name: str) -> Method:
+    """The method registered as ``name``, importing it on first use if it was registered lazily.
+
+    Raises:
+        ValueError: naming the registered methods when none is called ``name``.
+    """
+    if name not in _METHODS and name in _LAZY_METHODS:
+        module_name, _, attribute = _LAZY_METHODS[name].partition(":")
+        method_class = getattr(importlib.import_module(module_name), attribute)
+        _METHODS.setdefault(name, method_class())  # one instance per name, as register_method keeps
     try:
         return _METHODS[name]
     except KeyError:
@@ -76,4 +99,5 @@ def get_method(name: str) -> Method:
 
 
 def available_methods() -> list[str]:
-    return sorted(_METHODS)
+    """Names of the registered methods, sorted (lazily registered ones are not imported)."""
+    return sorted({*_METHODS, *_LAZY_METHODS})
