@@ -74,7 +74,7 @@ def arm_spec(root: Path, replay: float, first_train: Path, stamp: int):
 
 
 def one_round(loaded, watch: Path, shard: Path) -> dict:
-    from orchestrator.lifecycle.continual import run_round
+    from orchestrator.lifecycle.rounds import run_round
 
     shutil.copy(shard, watch / shard.name)
     started = time.time()

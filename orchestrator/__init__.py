@@ -12,6 +12,7 @@ from orchestrator.cluster.results import TrainResult
 from orchestrator.config import JobConfig, config_from_dict, json_schema, load_config
 from orchestrator.errors import ConfigError, DataError, ModelError, OrchestratorError, TrainingError
 from orchestrator.methods import register_method
+from orchestrator.version import __version__
 
 __all__ = [
     "ConfigError",
@@ -21,6 +22,7 @@ __all__ = [
     "OrchestratorError",
     "TrainResult",
     "TrainingError",
+    "__version__",
     "config_from_dict",
     "json_schema",
     "load_config",
@@ -28,4 +30,3 @@ __all__ = [
     "register_method",
     "run_training",
 ]
-__version__ = "0.1.0"

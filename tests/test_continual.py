@@ -16,25 +16,13 @@ import yaml
 from orchestrator.cluster.results import TrainResult
 from orchestrator.config.retrain import load_retrain, retrain_from_dict
 from orchestrator.errors import ConfigError, DataError
-from orchestrator.lifecycle.continual import (
-    Gate,
-    PoolEntry,
-    RoundBusyError,
-    compute_forgetting,
-    detect_new_data,
-    gate_decision,
-    label_groups,
-    loaded_from_round,
-    run_round,
-    sample_replay,
-    scan_watch,
-    split_holdout,
-    task_labels,
-    trained_hashes,
-    union_label_names,
-)
+from orchestrator.lifecycle.forgetting_gate import Gate, compute_forgetting, gate_decision
+from orchestrator.lifecycle.label_space import label_groups, task_labels, union_label_names
+from orchestrator.lifecycle.new_data import detect_new_data, scan_watch, trained_hashes
 from orchestrator.lifecycle.registry import Registry
+from orchestrator.lifecycle.replay import PoolEntry, sample_replay, split_holdout
 from orchestrator.lifecycle.report import write_report
+from orchestrator.lifecycle.rounds import RoundBusyError, loaded_from_round, run_round
 from orchestrator.lifecycle.scheduler import RetrainScheduler
 
 # --------------------------------------------------------------------------------------------------
@@ -434,7 +422,7 @@ class _FixedLogits:
 def test_evaluation_is_over_the_eval_sets_own_labels(tmp_path):
     import torch
 
-    from orchestrator.train.recipe import confusion_metrics, evaluate, restrict_logits
+    from orchestrator.train.evaluation import confusion_metrics, evaluate, restrict_logits
 
     # 6 labels: negative, positive (SST-2), then four news labels. Truths are SST-2 labels only.
     logits = torch.tensor(

@@ -13,9 +13,9 @@ import pytest
 
 from orchestrator.cluster.results import TrainResult
 from orchestrator.config import config_from_dict
-from orchestrator.lifecycle.registry import (
-    Registry,
-    RegistryError,
+from orchestrator.lifecycle.registry import Registry
+from orchestrator.lifecycle.registry_records import RegistryError
+from orchestrator.lifecycle.run_registration import (
     code_version,
     metrics_by_eval_set,
     read_licence,

@@ -15,7 +15,7 @@ import pytest
 from orchestrator.cluster.jobs import job_client
 from orchestrator.config import config_from_dict
 from orchestrator.config.retrain import retrain_from_dict
-from orchestrator.lifecycle.continual import sha256_file
+from orchestrator.lifecycle.new_data import sha256_file
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.report import write_report
 from orchestrator.lifecycle.scheduler import RetrainScheduler, job_state
@@ -111,7 +111,7 @@ def _agnews_shard(shared_data: Path, path: Path, rows: int) -> Path:
 def test_a_round_with_a_new_label_space_grows_the_head(ray_cluster, tiny_models, shared_data, tmp_path):
     """SST-2 (negative/positive), then AG News: the second round trains a head over the union of the labels,
     and the SST-2 eval sets are still scored, over their own two labels."""
-    from orchestrator.lifecycle.continual import run_round
+    from orchestrator.lifecycle.rounds import run_round
 
     job = tiny_job("tasks", tiny_models["bert"], shared_data, tmp_path / "runs", max_steps=4)
     job["training"].update(eval_every_steps=None, checkpoint_every_steps=None)

@@ -11,7 +11,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.lifecycle.registry import ModelRecord, Registry, RegistryError
+from orchestrator.lifecycle.registry import Registry
+from orchestrator.lifecycle.registry_records import ModelRecord, RegistryError
 
 
 @dataclass

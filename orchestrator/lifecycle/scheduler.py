@@ -26,8 +26,10 @@ from typing import Any, Protocol
 
 from orchestrator.config.retrain import LoadedRetrain
 from orchestrator.errors import OrchestratorError
-from orchestrator.lifecycle.continual import HashCache, find_new_data
-from orchestrator.lifecycle.registry import Registry, RoundRecord, code_version
+from orchestrator.lifecycle.new_data import HashCache, find_new_data
+from orchestrator.lifecycle.registry import Registry
+from orchestrator.lifecycle.registry_records import RoundRecord
+from orchestrator.lifecycle.run_registration import code_version
 
 TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 

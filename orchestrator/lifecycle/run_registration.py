@@ -1,0 +1,329 @@
+"""Registering a finished job in the model registry, and the W&B artifact that mirrors it.
+
+Every job that exports a model registers it (:func:`register_run`, called from
+:func:`orchestrator.cluster.launcher.run_training`): id ``<name>-v<N>``, parent (the registered model or the base
+model folder it started from; the teacher for a distilled student), method, base model and its licence,
+data files with sha256 and row counts, the full validated config, metrics per eval set, artifact location,
+code version, time and status. When W&B is online the model is also logged as a W&B artifact with the same
+lineage (:func:`log_wandb_model`).
+
+This module must not import :mod:`orchestrator.cluster.launcher` (the launcher imports it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from orchestrator.errors import ModelError
+from orchestrator.lifecycle.registry import Registry
+from orchestrator.lifecycle.registry_records import ModelRecord, artifact_key
+from orchestrator.version import __version__
+
+if TYPE_CHECKING:
+    from orchestrator.cluster.preflight import Preflight
+    from orchestrator.cluster.results import TrainResult
+    from orchestrator.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_FILE = "registry.sqlite"
+
+
+def registry_path(config: JobConfig) -> Path | None:
+    """Where a job's registry lives: ``output.registry`` ('auto': ``<output.dir>/registry.sqlite``; null: none)."""
+    value = config.output.registry
+    if value is None:
+        return None
+    if value == "auto":
+        return Path(config.output.dir).expanduser().resolve() / REGISTRY_FILE
+    return Path(value).expanduser().resolve()
+
+
+def open_registry(config: JobConfig) -> Registry | None:
+    path = registry_path(config)
+    return Registry(path) if path is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# What a registered model records
+# --------------------------------------------------------------------------------------------------
+
+
+def read_licence(model_path: str | None) -> str | None:
+    """The licence a model folder declares: its README.md front matter (``license:``), else config.json."""
+    if not model_path:
+        return None
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return None
+    readme = folder / "README.md"
+    if readme.is_file():
+        found = _licence_in_model_card(readme.read_text(encoding="utf-8", errors="replace"))
+        if found:
+            return found
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        try:
+            value = json.loads(config_file.read_text()).get("license")
+        except (json.JSONDecodeError, AttributeError):
+            value = None
+        if value:
+            return str(value)
+    return None
+
+
+def _licence_in_model_card(text: str) -> str | None:
+    """The ``license:`` (or ``licence:``) of a model card's YAML front matter, if it has one."""
+    if not text.startswith("---"):
+        return None
+    end = text.find("\n---", 3)
+    meta: Any = None
+    if end != -1:
+        try:
+            meta = yaml.safe_load(text[3:end])
+        except yaml.YAMLError:
+            meta = None
+    if not isinstance(meta, dict):
+        return None
+    value = meta.get("license") or meta.get("licence")
+    if isinstance(value, list):
+        value = ", ".join(str(v) for v in value)
+    if not value:
+        return None
+    if value == "other" and meta.get("license_name"):
+        return f"other ({meta['license_name']})"
+    return str(value)
+
+
+def code_version() -> str:
+    """The code that trained: ``ORCHESTRATOR_CODE_VERSION``, else the git commit of this checkout (``+dirty``
+    with uncommitted changes), else the package version (an uploaded Ray working dir has no .git)."""
+    pinned = os.environ.get("ORCHESTRATOR_CODE_VERSION")
+    if pinned:
+        return pinned
+    root = Path(__file__).resolve().parents[2]  # the checkout: orchestrator/lifecycle/ is two levels down
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top and Path(top).resolve() == root:
+        rev = git("rev-parse", "HEAD")
+        if rev:
+            dirty = git("status", "--porcelain", "--untracked-files=no")
+            return rev + ("+dirty" if dirty else "")
+    return f"orchestrator {__version__}"
+
+
+def metrics_by_eval_set(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``{'sst2/accuracy': .9, 'step': 6}`` → ``{'eval': {'sst2': {'accuracy': .9}}, 'step': 6}``."""
+    out: dict[str, Any] = {"eval": {}}
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if "/" in key:
+            eval_set, metric = key.rsplit("/", 1)
+            if not eval_set.startswith(("train", "unfreeze")):
+                out["eval"].setdefault(eval_set, {})[metric] = value
+                continue
+        if key in ("step", "epoch", "best_metric", "best_step"):
+            out[key] = value
+    return out
+
+
+def _resolve_quietly(spec: str) -> str:
+    from orchestrator.models.loading import resolve_model_path
+
+    try:
+        return resolve_model_path(spec)
+    except ModelError:
+        return spec
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+# --------------------------------------------------------------------------------------------------
+# Registering a finished job
+# --------------------------------------------------------------------------------------------------
+
+
+def register_run(
+    config: JobConfig,
+    result: TrainResult,
+    checked: Preflight | None = None,
+    *,
+    name: str | None = None,
+    status: str = "candidate",
+    data: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    round: int | None = None,
+    registry: Registry | None = None,
+) -> ModelRecord | None:
+    """Register the model a finished job exported (its ``final`` folder, else ``best``) as a candidate.
+
+    The parent is the registered model whose artifact is ``model.path`` (the teacher for ``method:
+    distill``), else the path itself; base model and licence are inherited from a registered parent, else
+    read from the folder. When W&B is online the model is also logged as a W&B artifact with the same lineage.
+
+    Args:
+        config: the job as run.
+        result: what :func:`orchestrator.cluster.launcher.run_training` returned.
+        checked: its preflight (for the resolved model path); resolved again when not given.
+        name: registry name (default: the job name); versions count up per name.
+        status: 'candidate' (default) or 'champion'.
+        data: what to record as data (default: ``result.data``, every file with sha256 and rows).
+        metrics: extra metrics to record beside those of ``result.metrics`` (e.g. forgetting).
+        round: the continual-retraining round that produced it.
+        registry: where to register (default: the job's ``output.registry``).
+
+    Returns:
+        The new record, or None when the job exported no model or the registry is disabled.
+    """
+    registry = registry or open_registry(config)
+    artifact_dir = result.final_model or result.best_model
+    if registry is None or artifact_dir is None:
+        return None
+    model_path = checked.model_path if checked is not None else _resolve_quietly(config.model.path)
+    lineage = _lineage_fields(config, registry, model_path)
+    recorded = metrics_by_eval_set(result.metrics)
+    if metrics:
+        recorded.update(metrics)
+    record = registry.register(
+        name or config.name,
+        method=config.method,
+        artifact=artifact_key(str(artifact_dir)),
+        config=config.to_dict(),
+        data=data if data is not None else result.data,
+        metrics=recorded,
+        **lineage,
+        checkpoint=result.checkpoint_path,
+        code_version=code_version(),
+        status=status,
+        round=round,
+    )
+    logger.info("registered %s (%s) in %s", record.id, record.status, registry.path)
+    ref = log_wandb_model(record, config, registry)
+    if ref:
+        record.wandb_artifact = ref
+    return record
+
+
+def _lineage_fields(config: JobConfig, registry: Registry, model_path: str) -> dict[str, Any]:
+    """Parent, teacher, base model and licence of a job's model: a registered parent's (or teacher's) id and
+    inherited fields, else the paths it started from and the licence its folder declares."""
+    parent_path = model_path
+    teacher_path = None
+    distill = getattr(config, "distill", None)
+    if config.method == "distill" and distill is not None:
+        teacher_path = _resolve_quietly(distill.teacher)
+        parent_path = teacher_path  # a student derives from its teacher
+    parent = registry.find_by_artifact(parent_path) if _is_local(parent_path) else None
+    teacher = registry.find_by_artifact(teacher_path) if teacher_path and _is_local(teacher_path) else None
+    return {
+        "parent_id": parent.id if parent else None,
+        "parent_ref": None if parent else parent_path,
+        "teacher_id": teacher.id if teacher else None,
+        "teacher_ref": None if teacher or not teacher_path else teacher_path,
+        "base_model": parent.base_model if parent else parent_path,
+        "licence": (parent.licence if parent else read_licence(parent_path)) or read_licence(model_path),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# W&B artifacts and local copies
+# --------------------------------------------------------------------------------------------------
+
+
+def wandb_artifact_name(name: str) -> str:
+    """W&B artifact names allow letters, digits, '-', '_' and '.'."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def log_wandb_model(record: ModelRecord, config: JobConfig, registry: Registry) -> str | None:
+    """Log the model as a W&B artifact when W&B is online: a reference to the artifact folder (no upload),
+    the lineage in its metadata, and the parent/teacher artifacts as inputs of the logging run, so W&B's
+    lineage graph matches the registry. Failures are logged, never raised (the registry row is the record)."""
+    from orchestrator.tracking import resolve_wandb_mode
+
+    settings = config.tracking.wandb
+    if resolve_wandb_mode(settings.mode) != "online":
+        return None
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            group=settings.group,
+            job_type="register-model",
+            name=f"register-{record.id}",
+            config={"model_id": record.id, "parent": record.parent, "method": record.method},
+        )
+        try:
+            _use_parent_artifacts(run, record, registry)
+            artifact = wandb.Artifact(name=wandb_artifact_name(record.name), type="model", metadata=_metadata(record))
+            uri = record.artifact if "://" in record.artifact else Path(record.artifact).as_uri()
+            artifact.add_reference(uri, checksum=True)
+            run.log_artifact(artifact, aliases=[wandb_artifact_name(record.id), record.status])
+            ref = f"{wandb_artifact_name(record.name)}:{wandb_artifact_name(record.id)}"
+        finally:
+            run.finish()
+        registry.set_wandb_artifact(record.id, ref)
+        return ref
+    except Exception as exc:
+        logger.warning("W&B: could not log %s as an artifact: %s", record.id, exc)
+        return None
+
+
+def _use_parent_artifacts(run: Any, record: ModelRecord, registry: Registry) -> None:
+    """Declare the parent's and teacher's W&B artifacts as inputs of the logging run (when W&B has them)."""
+    for ref in dict.fromkeys(r for r in (record.parent_id, record.teacher_id) if r):
+        parent = registry.get(ref)
+        try:
+            run.use_artifact(f"{wandb_artifact_name(parent.name)}:{wandb_artifact_name(parent.id)}")
+        except Exception as exc:  # the parent was registered while W&B was offline
+            logger.warning("W&B: parent artifact %s not found (%s); lineage kept in metadata only", ref, exc)
+
+
+def _metadata(record: ModelRecord) -> dict[str, Any]:
+    """The registry record as the W&B artifact's metadata."""
+    return {
+        "registry_id": record.id,
+        "parent": record.parent,
+        "teacher": record.teacher_id or record.teacher_ref,
+        "method": record.method,
+        "base_model": record.base_model,
+        "licence": record.licence,
+        "code_version": record.code_version,
+        "data": record.data,
+        "metrics": record.metrics,
+        "status": record.status,
+    }
+
+
+def local_artifact(record: ModelRecord, cache_dir: Path) -> str:
+    """A local folder holding the model: the artifact itself, or a copy of a remote URI (anything
+    ``pyarrow.fs`` understands, as Ray storage does: s3://, gs://, ...) under ``cache_dir``."""
+    artifact = record.artifact
+    if "://" not in artifact or artifact.startswith("file://"):
+        return artifact.removeprefix("file://")
+    import pyarrow.fs
+
+    target = cache_dir / record.id
+    if not (target / "config.json").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(artifact, str(target))
+    return str(target)

@@ -1,0 +1,3 @@
+"""The package version (what `code_version` records when no git checkout is at hand)."""
+
+__version__ = "0.1.0"
