@@ -31,7 +31,7 @@ from orchestrator.cluster.preflight import preflight
 from orchestrator.config import config_from_dict, load_config
 from orchestrator.config.retrain import load_retrain
 from orchestrator.errors import OrchestratorError
-from orchestrator.tune.sweep import plan_sweep
+from orchestrator.tune.sweep_plan import plan_sweep
 
 GOOD_ROWS = "sentence\tlabel\na gripping film\tpos\ndull and far too long\tneg\nfine\tpos\nno\tneg\n"
 

@@ -11,7 +11,9 @@ from ray import tune
 from orchestrator.config import config_from_dict, load_config
 from orchestrator.config.search_space import check_search_space, parse_expression, parse_search_space
 from orchestrator.errors import ConfigError
-from orchestrator.tune.sweep import MetricStopper, TrialRecord, best_trial, error_text, plan_sweep, plot_learning_curves
+from orchestrator.tune.sweep_events import MetricStopper
+from orchestrator.tune.sweep_plan import plan_sweep
+from orchestrator.tune.sweep_results import TrialRecord, best_trial, error_text, plot_learning_curves
 from tests.conftest import REPO
 
 
@@ -309,7 +311,7 @@ def test_sweep_command_prints_the_results_table(tmp_path, monkeypatch):
 
     import orchestrator.tune.sweep
     from orchestrator.cli import app
-    from orchestrator.tune.sweep import SweepResult
+    from orchestrator.tune.sweep_results import SweepResult
 
     trials = [
         TrialRecord("a_00000", "completed", {"training.lr": 1e-3}, 0.81, 0.8, 8),

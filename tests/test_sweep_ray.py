@@ -19,7 +19,8 @@ import pytest
 
 from orchestrator.config import config_from_dict
 from orchestrator.tracking import read_metrics
-from orchestrator.tune.sweep import EVENTS_FILE, SWEEP_CONFIG_FILE, TRIALS_DIR, resume_sweep, run_sweep
+from orchestrator.tune.sweep import resume_sweep, run_sweep
+from orchestrator.tune.sweep_plan import EVENTS_FILE, SWEEP_CONFIG_FILE, TRIALS_DIR
 from tests.conftest import REPO, tiny_job
 from tests.support.wandb_offline import OfflineRun, find_offline_runs
 

@@ -19,9 +19,6 @@ import numpy as np
 from orchestrator.data.sources import ScannedSource, parse_line, row_value
 from orchestrator.errors import DataError
 
-SUFFIX_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-_MAX_BAD_EXAMPLES = 5
-
 
 class RowReader:
     """Random access to the valid rows of a scanned file (keeps one open handle)."""

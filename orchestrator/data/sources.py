@@ -1,4 +1,4 @@
-"""Reading, validating, sharding and tokenizing training data.
+"""Scanning and validating data files on the driver (the workers' side is ``orchestrator.data.readers``).
 
 Data files are scanned once on the driver, before any cluster resource is taken: every row is checked
 (column count, empty text, known label) and a compact index is built: the byte offset of each valid row
@@ -193,6 +193,74 @@ def scan_source(
     Raises:
         DataError: naming file and line.
     """
+    path, fmt, header = _resolve_file(source)
+    columns = _find_columns(source, path, fmt, header, task)
+    sha256 = _file_sha256(path)
+    bad = _BadRows(source.path, on_bad_rows)
+    offsets: list[int] = []
+    labels: list[int] = []
+    rows_read = 0
+    for line_no, offset, raw in _read_rows(path, fmt, header):
+        rows_read += 1
+        try:
+            label_id = _check_row(raw, fmt, columns, source, label_to_id, collect_labels)
+        except _BadRow as exc:
+            problem = str(exc)
+        else:
+            offsets.append(offset)
+            labels.append(label_id)
+            if source.limit is not None and len(offsets) >= source.limit:
+                break
+            continue
+        bad.add(line_no, problem)  # outside the except: the DataError it may raise does not chain the _BadRow
+    return _build_index(source, path, fmt, columns, offsets, labels, sha256=sha256, rows_read=rows_read, bad=bad)
+
+
+@dataclass
+class _Columns:
+    """Where the configured columns sit in each row of one file."""
+
+    names: list[str]  # the header's columns (tsv/csv) or the fields (jsonl/parquet); empty without a header
+    text: int | str  # a list index (tsv/csv) or a key (jsonl/parquet)
+    pair: int | str | None
+    label: int | str | None  # None: no label read (causal-lm, or no label_column)
+    width: int | None  # tsv/csv with a header: the number of columns every row must have
+
+
+class _BadRow(Exception):
+    """A row that cannot be used; the message says why (file and line are added by :class:`_BadRows`)."""
+
+
+class _BadRows:
+    """The bad rows of one file: the first raises (``on_bad_rows: error``), or each is counted and the first few
+    are kept as examples (``skip``)."""
+
+    def __init__(self, source_path: str, on_bad_rows: str):
+        self.source_path = source_path
+        self.on_bad_rows = on_bad_rows
+        self.count = 0
+        self.examples: list[str] = []
+
+    def add(self, line_no: int, why: str) -> None:
+        """Record the bad row at ``line_no``.
+
+        Raises:
+            DataError: ``on_bad_rows`` is 'error'.
+        """
+        message = f"{self.source_path}:{line_no}: {why}"
+        if self.on_bad_rows == "error":
+            raise DataError(message + " (fix the row, or set data.on_bad_rows: skip to drop such rows)")
+        self.count += 1
+        if len(self.examples) < _MAX_BAD_EXAMPLES:
+            self.examples.append(message)
+
+
+def _resolve_file(source: DataSource) -> tuple[Path, str, bool]:
+    """The data file, its format and whether it has a header line: ``(path, format, header)``.
+
+    Raises:
+        DataError: the file is missing, not a file, empty, or of a format the extension does not tell.
+    """
     path = Path(source.path).expanduser()
     if not path.exists():
         raise DataError(f"{source.path}: data file not found (check data.*.path; relative paths are from {Path.cwd()})")
@@ -202,115 +270,167 @@ def scan_source(
         raise DataError(f"{source.path}: the file is empty (point data.*.path at a file with rows, or fill it)")
     fmt = detect_format(source)
     header = True if source.header is None else source.header
-    columns = _read_columns(path, fmt, header)
-    if fmt in ("tsv", "csv") and header and not columns:
+    return path, fmt, header
+
+
+def _find_columns(source: DataSource, path: Path, fmt: str, header: bool, task: str) -> _Columns:
+    """Find the configured text, text pair and label columns in the file's header (or fields).
+
+    Raises:
+        DataError: an empty header line, or a configured column the file does not have.
+    """
+    names = _read_columns(path, fmt, header)
+    if fmt in ("tsv", "csv") and header and not names:
         raise DataError(f"{source.path}:1: the header line is empty")
-    text_ref = _column_ref(source, fmt, columns, source.text_column, "text_column")
+    text_ref = _column_ref(source, fmt, names, source.text_column, "text_column")
     pair_ref = (
-        _column_ref(source, fmt, columns, source.text_pair_column, "text_pair_column")
+        _column_ref(source, fmt, names, source.text_pair_column, "text_pair_column")
         if source.text_pair_column
         else None
     )
     needs_label = task == "sequence-classification"
     label_ref = (
-        _column_ref(source, fmt, columns, source.label_column, "label_column")
+        _column_ref(source, fmt, names, source.label_column, "label_column")
         if needs_label and source.label_column
         else None
     )
-    expected_width = len(columns) if (columns and fmt in ("tsv", "csv")) else None
+    width = len(names) if (names and fmt in ("tsv", "csv")) else None
+    return _Columns(names=names, text=text_ref, pair=pair_ref, label=label_ref, width=width)
 
+
+def _file_sha256(path: Path) -> str:
+    """The SHA-256 of the file's bytes (hex), read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
 
-    offsets: list[int] = []
-    labels: list[int] = []
-    bad = 0
-    bad_examples: list[str] = []
-    rows_read = 0
 
-    def bad_row(line_no: int, why: str) -> None:
-        nonlocal bad
-        message = f"{source.path}:{line_no}: {why}"
-        if on_bad_rows == "error":
-            raise DataError(message + " (fix the row, or set data.on_bad_rows: skip to drop such rows)")
-        bad += 1
-        if len(bad_examples) < _MAX_BAD_EXAMPLES:
-            bad_examples.append(message)
-
+def _read_rows(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, int, Any]]:
+    """Read the file's rows as ``(line number, byte offset, raw row)``, leaving out blank lines (they are not
+    rows) and the header line. A raw row is the line's bytes (tsv, csv, jsonl) or a dict (parquet)."""
     for line_no, offset, raw in _Rows(path, fmt, header):
-        if fmt != "parquet":
-            if not raw.strip():
-                continue  # blank lines are not rows
-            try:
-                row = parse_line(raw, fmt)
-            except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
-                rows_read += 1
-                bad_row(line_no, f"cannot parse the row ({exc})")
-                continue
-        else:
-            row = raw
-        rows_read += 1
-        if fmt in ("tsv", "csv"):
-            width = expected_width if expected_width is not None else None
-            needed = max(r for r in (text_ref, pair_ref, label_ref) if isinstance(r, int)) + 1
-            if (width is not None and len(row) != width) or len(row) < needed:
-                want = width if width is not None else needed
-                bad_row(
-                    line_no,
-                    f"expected {want} {'tab' if fmt == 'tsv' else 'comma'}-separated columns, found {len(row)}",
-                )
-                continue
-        elif not isinstance(row, dict):
-            bad_row(line_no, f"expected a JSON object, got {type(row).__name__}")
+        if fmt != "parquet" and not raw.strip():
             continue
-        text = row_value(row, text_ref)
-        if text is None or not str(text).strip():
-            bad_row(line_no, f"empty text in column {source.text_column!r}")
-            continue
-        if pair_ref is not None and (row_value(row, pair_ref) is None or not str(row_value(row, pair_ref)).strip()):
-            bad_row(line_no, f"empty text in column {source.text_pair_column!r}")
-            continue
-        label_id = -1
-        if label_ref is not None:
-            raw_label = row_value(row, label_ref)
-            key = "" if raw_label is None else _label_key(raw_label)
-            if not key:
-                bad_row(line_no, f"empty label in column {source.label_column!r}")
-                continue
-            if label_to_id is not None:
-                if key not in label_to_id and key.isdigit() and int(key) < len(label_to_id):
-                    key = list(label_to_id)[int(key)]  # the file holds ids of the named labels
-                if key not in label_to_id:
-                    known = ", ".join(list(label_to_id)[:20])
-                    bad_row(line_no, f"label {key!r} is not in the label set ({known})")
-                    continue
-                label_id = label_to_id[key]
-            else:
-                assert collect_labels is not None
-                label_id = collect_labels.setdefault(key, len(collect_labels))
-        offsets.append(offset)
-        labels.append(label_id)
-        if source.limit is not None and len(offsets) >= source.limit:
-            break
+        yield line_no, offset, raw
+
+
+def _check_row(
+    raw: Any,
+    fmt: str,
+    columns: _Columns,
+    source: DataSource,
+    label_to_id: dict[str, int] | None,
+    collect_labels: dict[str, int] | None,
+) -> int:
+    """Check one row (it parses, has the columns, non-empty text, a known label) and return its label id (-1
+    when no label is read).
+
+    Raises:
+        _BadRow: saying what is wrong with the row.
+    """
+    row = _parse_row(raw, fmt)
+    _check_shape(row, fmt, columns)
+    text = row_value(row, columns.text)
+    if text is None or not str(text).strip():
+        raise _BadRow(f"empty text in column {source.text_column!r}")
+    pair = columns.pair
+    if pair is not None and (row_value(row, pair) is None or not str(row_value(row, pair)).strip()):
+        raise _BadRow(f"empty text in column {source.text_pair_column!r}")
+    if columns.label is None:
+        return -1
+    return _label_id(row_value(row, columns.label), source, label_to_id, collect_labels)
+
+
+def _parse_row(raw: Any, fmt: str) -> Any:
+    """A raw row as a list (tsv, csv) or a dict (jsonl; parquet rows already are one).
+
+    Raises:
+        _BadRow: the line does not decode or parse.
+    """
+    if fmt == "parquet":
+        return raw
+    try:
+        return parse_line(raw, fmt)
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+        raise _BadRow(f"cannot parse the row ({exc})") from None
+
+
+def _check_shape(row: Any, fmt: str, columns: _Columns) -> None:
+    """Check that a row has every column (tsv, csv: the header's count, and at least the configured ones) or is
+    an object (jsonl, parquet).
+
+    Raises:
+        _BadRow: saying how many columns were expected and found, or what came instead of an object.
+    """
+    if fmt in ("tsv", "csv"):
+        width = columns.width
+        needed = max(r for r in (columns.text, columns.pair, columns.label) if isinstance(r, int)) + 1
+        if (width is not None and len(row) != width) or len(row) < needed:
+            want = width if width is not None else needed
+            raise _BadRow(f"expected {want} {'tab' if fmt == 'tsv' else 'comma'}-separated columns, found {len(row)}")
+    elif not isinstance(row, dict):
+        raise _BadRow(f"expected a JSON object, got {type(row).__name__}")
+
+
+def _label_id(
+    raw_label: Any, source: DataSource, label_to_id: dict[str, int] | None, collect_labels: dict[str, int] | None
+) -> int:
+    """A row's label id: from the known labels (a file may hold the ids of named labels), or, while labels are
+    being discovered, a provisional id added to ``collect_labels``.
+
+    Raises:
+        _BadRow: the label is empty or not in the label set.
+    """
+    key = "" if raw_label is None else _label_key(raw_label)
+    if not key:
+        raise _BadRow(f"empty label in column {source.label_column!r}")
+    if label_to_id is None:
+        assert collect_labels is not None
+        return collect_labels.setdefault(key, len(collect_labels))
+    if key not in label_to_id and key.isdigit() and int(key) < len(label_to_id):
+        key = list(label_to_id)[int(key)]  # the file holds ids of the named labels
+    if key not in label_to_id:
+        known = ", ".join(list(label_to_id)[:20])
+        raise _BadRow(f"label {key!r} is not in the label set ({known})")
+    return label_to_id[key]
+
+
+def _build_index(
+    source: DataSource,
+    path: Path,
+    fmt: str,
+    columns: _Columns,
+    offsets: list[int],
+    labels: list[int],
+    *,
+    sha256: str,
+    rows_read: int,
+    bad: _BadRows,
+) -> ScannedSource:
+    """The file's index: the offset and label id of each valid row, with what was read and skipped.
+
+    Raises:
+        DataError: no row is usable.
+    """
     if not offsets:
-        reason = f" ({bad} bad rows skipped; first: {bad_examples[0]})" if bad else ""
+        reason = f" ({bad.count} bad rows skipped; first: {bad.examples[0]})" if bad.count else ""
         raise DataError(f"{source.path}: no usable rows{reason}")
     return ScannedSource(
         path=str(path.resolve()),
         format=fmt,
         name=source.display_name,
-        columns=columns,
-        text_index=text_ref,
-        pair_index=pair_ref,
-        label_index=label_ref,
+        columns=columns.names,
+        text_index=columns.text,
+        pair_index=columns.pair,
+        label_index=columns.label,
         offsets=np.asarray(offsets, dtype=np.int64),
         labels=np.asarray(labels, dtype=np.int32),
-        sha256=digest.hexdigest(),
+        sha256=sha256,
         rows_read=rows_read,
-        bad_rows=bad,
-        bad_examples=bad_examples,
+        bad_rows=bad.count,
+        bad_examples=bad.examples,
     )
 
 
@@ -407,8 +527,3 @@ def restrict_to_labels(
         if not len(scanned.offsets):
             raise DataError(f"{scanned.path}: no usable rows ({message})")
     scanned.label_subset = subset
-
-
-# --------------------------------------------------------------------------------------------------
-# Worker side: reading rows by offset, sharding, batching
-# --------------------------------------------------------------------------------------------------

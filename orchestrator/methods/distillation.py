@@ -210,6 +210,132 @@ def _shard_teacher(teacher: nn.Module, config: JobConfig, precision: str) -> Any
     return engine
 
 
+def _depth_issues(d: DistillSection, teacher_config: Any, student_config: Any) -> list[ConfigIssue]:
+    """Whether keep_layers / layer_map fit both models' depths (read from their configs; unknown depths are not
+    checked)."""
+    n_teacher = _num_blocks(teacher_config)
+    n_student = _num_blocks(student_config)
+    try:
+        if d.student_init == "teacher_layers" and n_teacher is not None:
+            n_student = len(_kept_layers(n_teacher, d.keep_every, d.keep_layers))
+        if d.hidden_weight > 0 and n_teacher is not None and n_student is not None:
+            parse_layer_map(d.layer_map, n_student, n_teacher)
+    except ConfigError as exc:
+        return list(exc.issues)
+    return []
+
+
+def _load_teacher(teacher_path: str, model: nn.Module, config: JobConfig, context: MethodContext) -> nn.Module:
+    """Load the teacher (on the CPU, with ``model``'s label names), frozen and in eval mode.
+
+    Raises:
+        ConfigError: teacher and ``model.path`` do not share one tokenizer.
+    """
+    task = config.model.task
+    trust = config.model.trust_remote_code
+    label_names = None
+    if task == "sequence-classification":
+        id2label = model.config.id2label
+        label_names = [id2label[i] for i in range(len(id2label))]
+    teacher = load_model(teacher_path, task=task, label_names=label_names, trust_remote_code=trust)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    check_vocab_match(
+        load_tokenizer(teacher_path, trust_remote_code=trust),
+        load_tokenizer(context.model_path, trust_remote_code=trust),
+        teacher.config,
+        model.config,
+    )
+    return teacher
+
+
+def _build_student(
+    model: nn.Module, teacher: nn.Module, d: DistillSection, config: JobConfig, n_teacher: int | None
+) -> tuple[nn.Module, list[int] | None]:
+    """The student and the teacher blocks it kept: a shallower copy of the teacher in ``model``'s dtype
+    (``student_init: teacher_layers``; made on the CPU, before the teacher moves), or ``model`` itself
+    (kept: None)."""
+    if d.student_init != "teacher_layers":
+        return model, None
+    assert n_teacher is not None
+    kept = _kept_layers(n_teacher, d.keep_every, d.keep_layers)
+    student = student_from_teacher(teacher, keep_layers=kept)  # on the CPU, before the teacher moves
+    student.to(dtype=next(model.parameters()).dtype)
+    student.requires_grad_(True)
+    student.train()
+    if config.model.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    return student, kept
+
+
+def _build_projector(
+    student: nn.Module, teacher: nn.Module, d: DistillSection, n_teacher: int | None
+) -> tuple[list[tuple[int, int]] | None, HiddenProjector | None]:
+    """The layer pairs and the hidden projector (in the student's dtype) of the hidden-state term; both None
+    when ``hidden_weight`` is 0."""
+    if not d.hidden_weight > 0:
+        return None, None
+    assert n_teacher is not None
+    n_student = len(find_blocks_module(student)[1])
+    layer_pairs = parse_layer_map(d.layer_map, n_student, n_teacher)
+    projector = HiddenProjector.from_configs(student.config, teacher.config, len(layer_pairs))
+    projector.to(dtype=next(student.parameters()).dtype)
+    return layer_pairs, projector
+
+
+def _wrap_with_lora(student: nn.Module, config: JobConfig) -> nn.Module:
+    """A LoRA student: adapters on the (teacher-initialised or pretrained) student, the rest of it frozen; the
+    head and the hidden projector still train in full. Same PEFT wrapping as method: lora."""
+    from orchestrator.methods.lora import check_targets, peft_config
+
+    lora_config = peft_config(config, student.config.model_type)
+    check_targets(student, list(lora_config.target_modules))
+    from peft import get_peft_model
+
+    return get_peft_model(student, lora_config)
+
+
+def _place_teacher(teacher: nn.Module, d: DistillSection, config: JobConfig, context: MethodContext) -> tuple[Any, str]:
+    """The teacher in the training precision, on this worker as ``distill.teacher_placement`` says: a whole copy
+    on the device, or its own ZeRO-3 engine. Returns it and the placement (``replicated`` or ``sharded``)."""
+    teacher.to(dtype=torch.bfloat16 if context.precision == "bf16" else torch.float32)
+    placement = resolve_placement(
+        d.teacher_placement,
+        teacher,
+        device=context.device,
+        precision=context.precision,
+        world_size=context.world_size,
+    )
+    if placement == "sharded":
+        return _shard_teacher(teacher, config, context.precision), placement
+    return teacher.to(context.device), placement
+
+
+def _lineage(
+    d: DistillSection,
+    config: JobConfig,
+    teacher_path: str,
+    kept: list[int] | None,
+    layer_pairs: list[tuple[int, int]] | None,
+    placement: str,
+) -> dict[str, Any]:
+    """What ``distill_lineage.json`` records next to the exported student."""
+    return {
+        "teacher": d.teacher,
+        "teacher_path": teacher_path,
+        "student_init": d.student_init,
+        "kept_teacher_layers": kept,
+        "layer_map": None if layer_pairs is None else [list(pair) for pair in layer_pairs],
+        "teacher_placement": placement,
+        "alpha": d.alpha,
+        "kd_weight": d.kd_weight,
+        "hidden_weight": d.hidden_weight,
+        "temperature": d.temperature,
+        "hidden_loss": d.hidden_loss,
+        "student_lora": None if config.lora is None else {"r": config.lora.r, "alpha": config.lora.alpha},
+    }
+
+
 class Distill:
     name = "distill"
 
@@ -238,85 +364,24 @@ class Distill:
             check_vocab_match(teacher_tokenizer, student_tokenizer, teacher_config, student_config)
         except ConfigError as exc:
             issues.extend(exc.issues)
-        n_teacher = _num_blocks(teacher_config)
-        n_student = _num_blocks(student_config)
-        try:
-            if d.student_init == "teacher_layers" and n_teacher is not None:
-                n_student = len(_kept_layers(n_teacher, d.keep_every, d.keep_layers))
-            if d.hidden_weight > 0 and n_teacher is not None and n_student is not None:
-                parse_layer_map(d.layer_map, n_student, n_teacher)
-        except ConfigError as exc:
-            issues.extend(exc.issues)
-        return issues
+        return issues + _depth_issues(d, teacher_config, student_config)
 
     def prepare_model(self, model: nn.Module, config: JobConfig, context: MethodContext) -> nn.Module:
+        """The :class:`DistillationModule` that trains: the student (cut from the teacher or ``model`` itself,
+        LoRA-wrapped with a ``lora`` section) and the hidden projector, with the frozen teacher placed beside them."""
         d = config.distill
         if d is None:
             raise ConfigError([ConfigIssue("distill", "method: distill needs a distill section")])
-        task = config.model.task
-        trust = config.model.trust_remote_code
         teacher_path = _resolve_teacher(d.teacher)
-        label_names = None
-        if task == "sequence-classification":
-            id2label = model.config.id2label
-            label_names = [id2label[i] for i in range(len(id2label))]
-        teacher = load_model(teacher_path, task=task, label_names=label_names, trust_remote_code=trust)
-        teacher.eval()
-        teacher.requires_grad_(False)
-        check_vocab_match(
-            load_tokenizer(teacher_path, trust_remote_code=trust),
-            load_tokenizer(context.model_path, trust_remote_code=trust),
-            teacher.config,
-            model.config,
-        )
-
+        teacher = _load_teacher(teacher_path, model, config, context)
         n_teacher = None
         if d.student_init == "teacher_layers" or d.hidden_weight > 0:
             n_teacher = len(find_blocks_module(teacher)[1])
-        kept: list[int] | None = None
-        if d.student_init == "teacher_layers":
-            assert n_teacher is not None
-            kept = _kept_layers(n_teacher, d.keep_every, d.keep_layers)
-            student = student_from_teacher(teacher, keep_layers=kept)  # on the CPU, before the teacher moves
-            student.to(dtype=next(model.parameters()).dtype)
-            student.requires_grad_(True)
-            student.train()
-            if config.model.gradient_checkpointing:
-                student.gradient_checkpointing_enable()
-        else:
-            student = model
-
-        layer_pairs: list[tuple[int, int]] | None = None
-        projector = None
-        if d.hidden_weight > 0:
-            assert n_teacher is not None
-            n_student = len(find_blocks_module(student)[1])
-            layer_pairs = parse_layer_map(d.layer_map, n_student, n_teacher)
-            projector = HiddenProjector.from_configs(student.config, teacher.config, len(layer_pairs))
-            projector.to(dtype=next(student.parameters()).dtype)
+        student, kept = _build_student(model, teacher, d, config, n_teacher)
+        layer_pairs, projector = _build_projector(student, teacher, d, n_teacher)
         if config.lora is not None:
-            # A LoRA student: adapters on the (teacher-initialised or pretrained) student, the rest of it frozen;
-            # the head and the hidden projector still train in full. Same PEFT wrapping as method: lora.
-            from orchestrator.methods.lora import check_targets, peft_config
-
-            lora_config = peft_config(config, student.config.model_type)
-            check_targets(student, list(lora_config.target_modules))
-            from peft import get_peft_model
-
-            student = get_peft_model(student, lora_config)
-
-        teacher.to(dtype=torch.bfloat16 if context.precision == "bf16" else torch.float32)
-        placement = resolve_placement(
-            d.teacher_placement,
-            teacher,
-            device=context.device,
-            precision=context.precision,
-            world_size=context.world_size,
-        )
-        if placement == "sharded":
-            teacher_runner: Any = _shard_teacher(teacher, config, context.precision)
-        else:
-            teacher_runner = teacher.to(context.device)
+            student = _wrap_with_lora(student, config)
+        teacher_runner, placement = _place_teacher(teacher, d, config, context)
         logger.info(
             "distill: teacher %s (%s, %s blocks), student %s, layer map %s",
             teacher_path,
@@ -325,28 +390,14 @@ class Distill:
             f"teacher blocks {kept}" if kept is not None else "model.path",
             layer_pairs,
         )
-        lineage = {
-            "teacher": d.teacher,
-            "teacher_path": teacher_path,
-            "student_init": d.student_init,
-            "kept_teacher_layers": kept,
-            "layer_map": None if layer_pairs is None else [list(pair) for pair in layer_pairs],
-            "teacher_placement": placement,
-            "alpha": d.alpha,
-            "kd_weight": d.kd_weight,
-            "hidden_weight": d.hidden_weight,
-            "temperature": d.temperature,
-            "hidden_loss": d.hidden_loss,
-            "student_lora": None if config.lora is None else {"r": config.lora.r, "alpha": config.lora.alpha},
-        }
         return DistillationModule(
             student,
             teacher_runner,
             d,
-            task=task,
+            task=config.model.task,
             layer_pairs=layer_pairs,
             projector=projector,
-            lineage=lineage,
+            lineage=_lineage(d, config, teacher_path, kept, layer_pairs, placement),
         )
 
     def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> TrainBatchOutput:

@@ -484,52 +484,104 @@ def distillation_loss(
     Raises:
         ValueError: negative or all-zero weights, an unknown task, or an input a weighted term needs is missing.
     """
+    _check_weights_and_task(alpha, beta_kd, gamma_hidden, task)
+    causal = task == "causal-lm"
+    student_logits = student_out.logits[:, :-1] if causal else student_out.logits
+    terms: dict[str, torch.Tensor] = {}
+    if alpha > 0:
+        terms["loss_ce"] = _ce_term(student_logits, labels, causal=causal)
+    if (beta_kd > 0 or gamma_hidden > 0) and teacher_out is None:
+        raise ValueError("distill.beta_kd or distill.gamma_hidden > 0 needs the teacher's output")
+    if beta_kd > 0:
+        terms["loss_kd"] = _kd_term(student_logits, teacher_out, temperature, attention_mask, causal=causal)
+    if gamma_hidden > 0:
+        terms["loss_hidden"] = _hidden_term(
+            student_out, teacher_out, layer_pairs, hidden_kind, projector, attention_mask
+        )
+    return _weighted_total(terms, {"loss_ce": alpha, "loss_kd": beta_kd, "loss_hidden": gamma_hidden})
+
+
+def _check_weights_and_task(alpha: float, beta_kd: float, gamma_hidden: float, task: str) -> None:
+    """Check the weights of :func:`distillation_loss` (>= 0, not all 0) and its task.
+
+    Raises:
+        ValueError: a negative weight, all weights 0, or an unknown task.
+    """
     weights = {"alpha": alpha, "beta_kd": beta_kd, "gamma_hidden": gamma_hidden}
     if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
         raise ValueError(f"distillation weights must be >= 0 and not all 0; got {weights}")
     if task not in ("sequence-classification", "causal-lm"):
         raise ValueError(f"task must be 'sequence-classification' or 'causal-lm'; got {task!r}")
-    causal = task == "causal-lm"
-    student_logits = student_out.logits[:, :-1] if causal else student_out.logits
-    terms: dict[str, torch.Tensor] = {}
 
-    if alpha > 0:
-        if labels is None:
-            raise ValueError("distill.alpha > 0 needs labels for the cross-entropy term")
-        targets = labels[:, 1:] if causal else labels
-        terms["loss_ce"] = F.cross_entropy(
-            student_logits.reshape(-1, student_logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+
+def _ce_term(student_logits: torch.Tensor, labels: torch.Tensor | None, *, causal: bool) -> torch.Tensor:
+    """The cross-entropy of the student's logits with the labels (for causal-lm, the next tokens: ``labels[:, 1:]``
+    against the already shifted logits), ``-100`` ignored, in float32.
+
+    Raises:
+        ValueError: no labels.
+    """
+    if labels is None:
+        raise ValueError("distill.alpha > 0 needs labels for the cross-entropy term")
+    targets = labels[:, 1:] if causal else labels
+    return F.cross_entropy(
+        student_logits.reshape(-1, student_logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+    )
+
+
+def _kd_term(
+    student_logits: torch.Tensor,
+    teacher_out: Any,
+    temperature: float,
+    attention_mask: torch.Tensor | None,
+    *,
+    causal: bool,
+) -> torch.Tensor:
+    """The logit distillation term (:func:`logit_kd_loss`); for causal-lm over the positions where both the
+    input token and the predicted token are real."""
+    teacher_logits = teacher_out.logits[:, :-1] if causal else teacher_out.logits
+    kd_mask = None
+    if causal and attention_mask is not None:
+        kd_mask = attention_mask[:, 1:] * attention_mask[:, :-1]
+    return logit_kd_loss(student_logits, teacher_logits, temperature, kd_mask)
+
+
+def _hidden_term(
+    student_out: Any,
+    teacher_out: Any,
+    layer_pairs: Sequence[tuple[int, int]],
+    hidden_kind: HiddenKind,
+    projector: HiddenProjector | None,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The hidden-state term: :func:`hidden_state_loss` of each layer pair (through its projection), averaged
+    over the pairs.
+
+    Raises:
+        ValueError: no layer pairs, no hidden states, or a projector that does not match the pairs.
+    """
+    if not layer_pairs:
+        raise ValueError("distill.gamma_hidden > 0 needs at least one pair in distill.layer_map")
+    if student_out.hidden_states is None or teacher_out.hidden_states is None:
+        raise ValueError("distill.gamma_hidden > 0 needs hidden states: run both models with output_hidden_states=True")
+    if projector is not None and len(projector) != len(layer_pairs):
+        raise ValueError(f"the projector has {len(projector)} projections for {len(layer_pairs)} layer pairs")
+    per_pair = [
+        hidden_state_loss(
+            student_out.hidden_states[hidden_index(s)],
+            teacher_out.hidden_states[hidden_index(t)],
+            hidden_kind,
+            attention_mask,
+            None if projector is None else projector[k],
         )
-    if (beta_kd > 0 or gamma_hidden > 0) and teacher_out is None:
-        raise ValueError("distill.beta_kd or distill.gamma_hidden > 0 needs the teacher's output")
-    if beta_kd > 0:
-        teacher_logits = teacher_out.logits[:, :-1] if causal else teacher_out.logits
-        kd_mask = None
-        if causal and attention_mask is not None:
-            kd_mask = attention_mask[:, 1:] * attention_mask[:, :-1]
-        terms["loss_kd"] = logit_kd_loss(student_logits, teacher_logits, temperature, kd_mask)
-    if gamma_hidden > 0:
-        if not layer_pairs:
-            raise ValueError("distill.gamma_hidden > 0 needs at least one pair in distill.layer_map")
-        if student_out.hidden_states is None or teacher_out.hidden_states is None:
-            raise ValueError(
-                "distill.gamma_hidden > 0 needs hidden states: run both models with output_hidden_states=True"
-            )
-        if projector is not None and len(projector) != len(layer_pairs):
-            raise ValueError(f"the projector has {len(projector)} projections for {len(layer_pairs)} layer pairs")
-        per_pair = [
-            hidden_state_loss(
-                student_out.hidden_states[hidden_index(s)],
-                teacher_out.hidden_states[hidden_index(t)],
-                hidden_kind,
-                attention_mask,
-                None if projector is None else projector[k],
-            )
-            for k, (s, t) in enumerate(layer_pairs)
-        ]
-        terms["loss_hidden"] = torch.stack(per_pair).mean()
+        for k, (s, t) in enumerate(layer_pairs)
+    ]
+    return torch.stack(per_pair).mean()
 
-    scale = {"loss_ce": alpha, "loss_kd": beta_kd, "loss_hidden": gamma_hidden}
+
+def _weighted_total(terms: dict[str, torch.Tensor], scale: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted sum of the computed terms (in the order they were computed), and the values logged: each
+    term unweighted and the total as ``loss``."""
     weighted = [scale[name] * value for name, value in terms.items()]
     total = sum(weighted[1:], weighted[0])
     logged = {name: float(value.detach()) for name, value in terms.items()}
