@@ -156,7 +156,7 @@ def validate(
             else:
                 config = load_config(path, overrides)
             if check_data and config.tune is not None:  # a sweep: its search space and metric are checked too
-                from orchestrator.tune.sweep import plan_sweep
+                from orchestrator.tune.sweep_plan import plan_sweep
 
                 plan_sweep(config, resume=True, source=str(path))
             elif check_data:
@@ -352,7 +352,7 @@ def registry_show(
     as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON (config included)."),
 ) -> None:
     """Show one model: lineage, data with hashes, metrics per eval set, artifact, code version, decision."""
-    from orchestrator.lifecycle.registry import RegistryError
+    from orchestrator.lifecycle.registry_records import RegistryError
 
     reg = _open_registry(registry)
     try:
@@ -405,7 +405,7 @@ def registry_lineage(
     from rich.markup import escape
     from rich.tree import Tree
 
-    from orchestrator.lifecycle.registry import RegistryError
+    from orchestrator.lifecycle.registry_records import RegistryError
 
     reg = _open_registry(registry)
     try:
@@ -441,7 +441,7 @@ def registry_promote(
     reason: str = typer.Option("promoted by hand", "--reason", help="Recorded with the promotion."),
 ) -> None:
     """Make a model the champion of its name (the current champion is archived)."""
-    from orchestrator.lifecycle.registry import RegistryError
+    from orchestrator.lifecycle.registry_records import RegistryError
 
     reg = _open_registry(registry)
     try:
@@ -458,7 +458,7 @@ def registry_rollback(
     reason: str = typer.Option("rollback by hand", "--reason", help="Recorded with the rollback."),
 ) -> None:
     """Restore the previous champion; the current one is archived."""
-    from orchestrator.lifecycle.registry import RegistryError
+    from orchestrator.lifecycle.registry_records import RegistryError
 
     reg = _open_registry(registry)
     try:
@@ -476,7 +476,7 @@ def registry_report(
     metric: str = typer.Option(None, "--metric", help="Metric per eval set (default: the gate's, else accuracy)."),
 ) -> None:
     """The forgetting matrix: each eval set's score across the model's versions (table + PNG)."""
-    from orchestrator.lifecycle.registry import RegistryError
+    from orchestrator.lifecycle.registry_records import RegistryError
     from orchestrator.lifecycle.report import write_report
 
     reg = _open_registry(registry)
@@ -507,8 +507,9 @@ def retrain(
 ) -> None:
     """Run one continual-retraining round: new data, warm start from the champion, replay, gate."""
     from orchestrator.config.retrain import load_retrain
-    from orchestrator.lifecycle.continual import find_new_data, loaded_from_round, open_round_registry, run_round
+    from orchestrator.lifecycle.new_data import find_new_data
     from orchestrator.lifecycle.registry import Registry
+    from orchestrator.lifecycle.rounds import loaded_from_round, open_round_registry, run_round
 
     try:
         if round_id is not None:
@@ -558,7 +559,7 @@ def schedule(
     """Submit retraining rounds as Ray jobs on new data / an interval / a cron schedule (runs until stopped)."""
     from orchestrator.cluster.jobs import job_client
     from orchestrator.config.retrain import load_retrain
-    from orchestrator.lifecycle.continual import open_round_registry
+    from orchestrator.lifecycle.rounds import open_round_registry
     from orchestrator.lifecycle.scheduler import RetrainScheduler
 
     try:

@@ -300,7 +300,7 @@ def test_preflight_reports_teacher_path_and_depth_problems(teachers, tiny_models
 
 def test_unfreezing_schedules_the_students_blocks(teachers, tmp_path) -> None:
     from orchestrator.budget import StepBudget
-    from orchestrator.train.recipe import build_unfreezing
+    from orchestrator.train.unfreezing import build_unfreezing
 
     module, config = _prepare(teachers["bert4"], tmp_path, keep_every=2, hidden_weight=1.0)
     config.unfreeze = config.unfreeze.model_validate({"kind": "gradual", "every_steps": 2})
@@ -356,7 +356,7 @@ def test_lora_student_trains_only_adapters_and_head_and_exports_a_merged_model(t
 def test_eval_scores_the_teacher_side_by_side(teachers, tmp_path) -> None:
     """evaluate() on a distillation module: student metrics plus the teacher's accuracy, the agreement between
     them and each one's forward speed; off with distill.eval_teacher: false."""
-    from orchestrator.train.recipe import evaluate
+    from orchestrator.train.evaluation import evaluate
 
     module, _ = _prepare(teachers["bert4"], tmp_path, keep_every=2)
     batch = _batch(teachers["bert4"])

@@ -13,6 +13,7 @@ from orchestrator.cluster.launcher import run_training
 from orchestrator.config import config_from_dict
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
+from tests.support.faults import FailAfterCheckpoint
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +80,7 @@ def test_distill_two_block_student_under_zero(stage, placement, ray_cluster, tea
 def test_distill_resumes_after_a_worker_failure(ray_cluster, teacher4, shared_data, tmp_path, monkeypatch):
     job = _distill_job("distill-failover", teacher4, shared_data, tmp_path, 2)
     job["scaling"]["max_failures"] = 1
-    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "3")
-    result = run_training(config_from_dict(job))
+    result = run_training(config_from_dict(job), worker_callbacks=[FailAfterCheckpoint(step=3)])
 
     records = read_metrics(result.run_dir)
     assert [s["resumed_from_step"] for s in records if s["kind"] == "start"] == [None, 3]

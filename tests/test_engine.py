@@ -282,7 +282,7 @@ def test_cpu_optimizer_is_torchs_fused_adamw_and_steps_like_the_reference(tiny_b
 
 
 def test_resident_tensor_memory_counts_each_storage_once() -> None:
-    from orchestrator.train.recipe import resident_tensor_mb
+    from orchestrator.train.memory import resident_tensor_mb
 
     before = resident_tensor_mb(torch.device("cpu"))
     block = torch.zeros(4 * 2**20 // 4)  # 4 MiB of fp32

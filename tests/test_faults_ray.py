@@ -21,6 +21,7 @@ from orchestrator.cluster.launcher import run_training
 from orchestrator.config import config_from_dict
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
+from tests.support.faults import FailAfterCheckpoint, FailWhileUploadingCheckpoint
 from tests.test_job_submit import RAY, _free_ports, _job_dir, _stop_head, _user_env, ray_job_submit
 
 pytestmark = pytest.mark.slow
@@ -54,10 +55,8 @@ def test_a_two_worker_checkpoint_resumes_on_one_worker(
 ):
     name = f"reshard-z{stage}"
     job = tiny_job(name, tiny_models["bert"], shared_data, tmp_path, stage=stage)  # 6 steps, checkpoint every 3
-    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "3")
     with pytest.raises(Exception, match="injected fault"):
-        run_training(config_from_dict(job))
-    monkeypatch.delenv("ORCHESTRATOR_FAULT_AT_STEP")
+        run_training(config_from_dict(job), worker_callbacks=[FailAfterCheckpoint(step=3)])
     saved = _checkpoints(tmp_path / name, name)
     assert list(saved) == [3]
     expected_l2 = _param_l2(saved[3], tiny_models["bert"])
@@ -231,12 +230,8 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_fr
     job = tiny_job(name, tiny_models["bert"], shared_data, tmp_path, stage=2, checkpoint_every_steps=2)
     config = config_from_dict(job)
     # Rank 0 copies half of its files of the step-4 checkpoint to storage, then dies inside ray.train.report.
-    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "4")
-    monkeypatch.setenv("ORCHESTRATOR_FAULT_POINT", "checkpoint_upload")
     with pytest.raises(Exception, match="injected fault while uploading checkpoint"):
-        run_training(config)
-    monkeypatch.delenv("ORCHESTRATOR_FAULT_AT_STEP")
-    monkeypatch.delenv("ORCHESTRATOR_FAULT_POINT")
+        run_training(config, worker_callbacks=[FailWhileUploadingCheckpoint(step=4)])
 
     storage = tmp_path / name / "ray" / name
     folders = sorted(f for f in storage.glob("checkpoint_*") if f.is_dir())

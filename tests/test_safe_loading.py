@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.cluster.preflight import preflight
 from orchestrator.config import config_from_dict
-from orchestrator.train.recipe import _restore_rng, _rng_state
+from orchestrator.train.checkpointing import restore_rng, rng_state
 
 
 def _draws() -> list[float]:
@@ -36,19 +36,19 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path: Path) -> No
     torch.manual_seed(3)
     random.gauss(0.0, 1.0)  # leaves a cached second Gaussian in Python's state ...
     np.random.randn()  # ... and in numpy's (has_gauss=1, cached_gaussian): both must survive
-    torch.save(_rng_state(), tmp_path / "rng_rank0.pt")
+    torch.save(rng_state(), tmp_path / "rng_rank0.pt")
     expected = _draws()
 
     random.seed(99)
     np.random.seed(99)
     torch.manual_seed(99)
-    _restore_rng(torch.load(tmp_path / "rng_rank0.pt", weights_only=True))
+    restore_rng(torch.load(tmp_path / "rng_rank0.pt", weights_only=True))
 
     assert _draws() == expected
 
 
 def test_rng_file_holds_no_numpy_objects(tmp_path: Path) -> None:
-    state = _rng_state()
+    state = rng_state()
 
     def leaves(value: object) -> list[object]:
         if isinstance(value, dict):

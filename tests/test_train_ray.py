@@ -15,6 +15,7 @@ from orchestrator.data.readers import RowReader
 from orchestrator.data.sources import prepare_data
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
+from tests.support.faults import FailAfterCheckpoint
 from tests.support.wandb_offline import find_offline_runs
 
 pytestmark = pytest.mark.slow
@@ -135,14 +136,12 @@ def test_resume_continues_from_the_latest_checkpoint(ray_cluster, tiny_models, s
     job = tiny_job("resume", tiny_models["bert"], shared_data, tmp_path, stage=2, checkpoint_every_steps=2)
     config = config_from_dict(job)
 
-    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "4")
     with pytest.raises(Exception, match="injected fault"):
-        run_training(config)
+        run_training(config, worker_callbacks=[FailAfterCheckpoint(step=4)])
     first = read_metrics(tmp_path / "resume")
     assert max(r["step"] for r in first if r["kind"] == "train") == 4
 
     # Without --resume the existing run is protected.
-    monkeypatch.delenv("ORCHESTRATOR_FAULT_AT_STEP")
     with pytest.raises(Exception, match="already has checkpoints"):
         run_training(config)
 
@@ -158,8 +157,7 @@ def test_resume_continues_from_the_latest_checkpoint(ray_cluster, tiny_models, s
 def test_worker_failure_restarts_from_checkpoint(ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch):
     job = tiny_job("failover", tiny_models["bert"], shared_data, tmp_path, stage=0, checkpoint_every_steps=2)
     job["scaling"]["max_failures"] = 1
-    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "2")
-    result = run_training(config_from_dict(job))
+    result = run_training(config_from_dict(job), worker_callbacks=[FailAfterCheckpoint(step=2)])
 
     starts = [r for r in read_metrics(result.run_dir) if r["kind"] == "start"]
     assert [s["resumed_from_step"] for s in starts] == [None, 2]

@@ -15,6 +15,7 @@ from orchestrator.cluster.launcher import run_training
 from orchestrator.config import config_from_dict
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
+from tests.support.faults import FailAfterCheckpoint
 
 pytestmark = pytest.mark.slow
 
@@ -73,10 +74,8 @@ def test_head_only_under_zero3_resumes_and_exports_the_base_models_body(
     job = tiny_job(name, tiny_models["bert"], shared_data, tmp_path, stage=3, max_steps=6, lr=1e-2)
     job["unfreeze"] = {"kind": "head_only"}
     job["output"]["keep_checkpoints"] = 5
-    monkeypatch.setenv("ORCHESTRATOR_FAULT_AT_STEP", "3")  # fail after the step-3 checkpoint, then --resume
-    with pytest.raises(Exception, match="injected fault"):
-        run_training(config_from_dict(job))
-    monkeypatch.delenv("ORCHESTRATOR_FAULT_AT_STEP")
+    with pytest.raises(Exception, match="injected fault"):  # fail after the step-3 checkpoint, then --resume
+        run_training(config_from_dict(job), worker_callbacks=[FailAfterCheckpoint(step=3)])
     result = run_training(config_from_dict(job), resume=True)
 
     base = {f"bert.{k}": v for k, v in load_file(tiny_models["bert"] / "model.safetensors").items()}

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
+from orchestrator.budget import best_metric_name
 from orchestrator.cluster.preflight import Preflight, check_cluster_fits, preflight
 from orchestrator.cluster.results import TrainResult
 from orchestrator.config import JobConfig
@@ -37,6 +39,7 @@ def build_trainer(
     run_name: str | None = None,
     init_checkpoint: str | None = None,
     stop_signal: Any = None,
+    worker_callbacks: list[Any] | None = None,
 ) -> Any:
     """The Ray Train ``TorchTrainer`` of a checked job.
 
@@ -50,12 +53,13 @@ def build_trainer(
             trial continuing another trial's model with its own hyperparameters).
         stop_signal: an actor handle whose ``is_set()`` tells the workers to stop after the current step
             (a sweep trial stopped by Ray Tune ends cleanly instead of being killed).
+        worker_callbacks: ``orchestrator.train.callbacks.Callback`` objects every worker adds to the built-in
+            ones (pickled to the workers; tests inject faults this way).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.budget import best_metric_name
-    from orchestrator.train.recipe import train_loop_per_worker
+    from orchestrator.train import train_loop_per_worker
 
     config = checked.config
     s = config.scaling
@@ -69,26 +73,11 @@ def build_trainer(
         "run_dir": str(checked.run_dir),
         "init_checkpoint": init_checkpoint,
         "stop_signal": stop_signal,
-        # Fault injection for drills and tests: the run fails once after the first checkpoint at or
-        # past this step (it does not fail again once it has resumed from a checkpoint).
-        "fault_at_step": int(os.environ["ORCHESTRATOR_FAULT_AT_STEP"])
-        if os.environ.get("ORCHESTRATOR_FAULT_AT_STEP")
-        else None,
-        # Where it fails: "after_checkpoint" (default), or "checkpoint_upload": rank 0 dies after copying part of
-        # its checkpoint files to storage, as a node lost while writing a checkpoint would.
-        "fault_point": os.environ.get("ORCHESTRATOR_FAULT_POINT", "after_checkpoint"),
+        "callbacks": list(worker_callbacks or []),
         # data.packing's tokenized-block cache: the driver's ORCHESTRATOR_CACHE if set (workers of a running
         # cluster do not see the driver's environment), else each node's default.
         "cache_dir": os.environ.get("ORCHESTRATOR_CACHE"),
     }
-    checkpoint_config = CheckpointConfig(num_to_keep=config.output.keep_checkpoints)
-    if config.output.keep_checkpoints_by == "best":
-        # Ray Train keeps the N best by this metric (every checkpoint is reported with an eval, see the config
-        # check) and always the latest one, which is what a resume continues from.
-        metric, mode = best_metric_name(config, checked.data)
-        checkpoint_config = CheckpointConfig(
-            num_to_keep=config.output.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
-        )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
@@ -103,9 +92,24 @@ def build_trainer(
             name=run_name or config.name,
             storage_path=str(checked.storage_path),
             failure_config=FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=checkpoint_config,
+            checkpoint_config=_checkpoint_config(checked),
             callbacks=callbacks,
         ),
+    )
+
+
+def _checkpoint_config(checked: Preflight) -> Any:
+    """Ray Train's retention: the latest N, or the best N by the run's metric (output.keep_checkpoints_by)."""
+    from ray.train import CheckpointConfig
+
+    output = checked.config.output
+    if output.keep_checkpoints_by != "best":
+        return CheckpointConfig(num_to_keep=output.keep_checkpoints)
+    # Ray Train keeps the N best by this metric (every checkpoint is reported with an eval, see the config
+    # check) and always the latest one, which is what a resume continues from.
+    metric, mode = best_metric_name(checked.config, checked.data)
+    return CheckpointConfig(
+        num_to_keep=output.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
     )
 
 
@@ -116,6 +120,7 @@ def run_training(
     address: str | None = None,
     source: str | None = None,
     progress: Any = None,
+    worker_callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Run a job end to end on a Ray cluster (a local one is started if none is given).
 
@@ -125,12 +130,25 @@ def run_training(
         address: Ray address; default RAY_ADDRESS or a new local cluster.
         source: the config file name, for error messages.
         progress: called with the run's metrics records while training runs (for progress bars).
+        worker_callbacks: extra step-loop callbacks for every worker (see :func:`build_trainer`).
     """
     checked = preflight(config, resume=resume, source=source)
     ensure_ray(address)
     use_gpu = check_cluster_fits(config)
-    trainer = build_trainer(checked, use_gpu=use_gpu)
+    trainer = build_trainer(checked, use_gpu=use_gpu, worker_callbacks=worker_callbacks)
+    result = _fit_with_progress(trainer, checked.run_dir, progress)
+    train_result = _train_result(checked, result)
+    # Model registry (issue #6): every job that exports a model registers it as a candidate.
+    if config.output.registry:
+        from orchestrator.lifecycle.run_registration import register_run
 
+        record = register_run(config, train_result, checked)
+        train_result.model_id = record.id if record is not None else None
+    return train_result
+
+
+def _fit_with_progress(trainer: Any, run_dir: Path, progress: Any) -> Any:
+    """``trainer.fit()`` in a thread, calling ``progress`` with the run's records every second meanwhile."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -144,12 +162,16 @@ def run_training(
     while thread.is_alive():
         thread.join(timeout=1.0)
         if progress is not None:
-            progress(read_metrics(checked.run_dir))
+            progress(read_metrics(run_dir))
     if progress is not None:
-        progress(read_metrics(checked.run_dir))
+        progress(read_metrics(run_dir))
     if "error" in outcome:
         raise outcome["error"]
-    result = outcome["result"]
+    return outcome["result"]
+
+
+def _train_result(checked: Preflight, result: Any) -> TrainResult:
+    """What the run left: final metrics (the last report, else the last eval record), exports, W&B run folder."""
     records = read_metrics(checked.run_dir)
     evals = [r for r in records if r.get("kind") == "eval"]
     final_metrics = dict(result.metrics or (evals[-1] if evals else {}))
@@ -159,7 +181,7 @@ def run_training(
         wandb_path = str(wandb_dirs[-1])
     final_dir = checked.run_dir / "final"
     best_dir = checked.run_dir / "best"
-    train_result = TrainResult(
+    return TrainResult(
         run_dir=checked.run_dir,
         metrics=final_metrics,
         best_metric=final_metrics.get("best_metric"),
@@ -169,10 +191,3 @@ def run_training(
         wandb=wandb_path,
         data=checked.data.summary(),
     )
-    # Model registry (issue #6): every job that exports a model registers it as a candidate.
-    if config.output.registry:
-        from orchestrator.lifecycle.registry import register_run
-
-        record = register_run(config, train_result, checked)
-        train_result.model_id = record.id if record is not None else None
-    return train_result

@@ -36,11 +36,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestrator.models.layers import LayerGroups
+from orchestrator.models.layers import LayerGroups, find_layer_groups
+
+if TYPE_CHECKING:
+    from orchestrator.budget import StepBudget
+    from orchestrator.config import JobConfig
 
 
 @dataclass(frozen=True)
@@ -260,3 +264,29 @@ def _detach_input(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
     return args, kwargs
+
+
+@dataclass
+class Unfreezing:
+    """The unfreezing schedule of a run and the hook that stops backward below the trainable groups."""
+
+    groups: LayerGroups
+    schedule: Schedule
+    stop: BackwardStop
+
+    def log_values(self, step: int) -> dict[str, float]:
+        trainable = trainable_groups(self.schedule, step)
+        return {"unfreeze/trainable_groups": len(trainable), "unfreeze/lowest_group": min(trainable)}
+
+
+def build_unfreezing(model: torch.nn.Module, config: JobConfig, budget: StepBudget) -> Unfreezing | None:
+    """None for plain runs (every layer at the same LR); else the layer groups, schedule and hook."""
+    u = config.unfreeze
+    if u.kind == "none" and u.lr_decay == 1.0:
+        return None
+    groups = find_layer_groups(
+        model, block_pattern=u.block_pattern, embedding_patterns=u.embedding_patterns, head_patterns=u.head_patterns
+    )
+    steps_per_epoch = max(1, budget.batches_per_epoch // config.training.grad_accumulation)
+    schedule = resolve_schedule(u, groups.num_blocks, steps_per_epoch=steps_per_epoch)
+    return Unfreezing(groups=groups, schedule=schedule, stop=BackwardStop(model, groups, schedule))

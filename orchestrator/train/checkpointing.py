@@ -1,0 +1,109 @@
+"""Checkpoints of a run: what is saved (DeepSpeed shards, each rank's RNG, the loop position), how it is handed
+to Ray Train, and how a restart loads it back, on the same or another number of workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator.train.reshard import convert_to_universal
+
+logger = logging.getLogger(__name__)
+
+DS_TAG = "ds"
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint so a restart continues exactly here."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    samples_seen: int = 0
+    # The topology that wrote the checkpoint, so a resume on another world size can re-shard (train.reshard).
+    world_size: int | None = None
+    batch_size: int | None = None  # micro-batch per worker
+    grad_accumulation: int | None = None
+    zero_stage: int | None = None
+    total_steps: int | None = None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain Python values, so ``torch.load(weights_only=True)`` reads
+    them back (no pickled numpy arrays: a checkpoint file must never run code when loaded)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, float or None): plain types already
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set this process's RNGs to a state taken by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    engine: Any, state: TrainState, *, rank: int, metrics: dict[str, Any], upload_fn: Callable | None = None
+) -> None:
+    """Every rank writes its DeepSpeed shards to a local folder and hands it to Ray Train, which merges all ranks'
+    files into one checkpoint folder in storage. Ray registers the folder only once every rank has reported (a
+    crash mid-write leaves an unregistered folder that no resume picks) and then keeps the latest or best N
+    (output.keep_checkpoints_by) plus, always, the latest.
+
+    Args:
+        upload_fn: Ray Train's ``checkpoint_upload_fn`` for this rank (None: Ray's own upload).
+    """
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=True)
+        torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+        if rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(state)))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload_fn)
+
+
+def load_checkpoint(
+    engine: Any, checkpoint: Any, *, rank: int, universal: bool, load_lr_scheduler: bool
+) -> TrainState:
+    """Load a Ray Train checkpoint into the engine (converted to DeepSpeed's universal format first when it was
+    written by another number of workers), restore this rank's RNG, and return the saved loop position."""
+    with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="orch-universal-") as scratch:
+        load_dir = convert_to_universal(ckpt_dir, DS_TAG, scratch) if universal else ckpt_dir
+        engine.load_checkpoint(
+            load_dir, tag=DS_TAG, load_module_strict=False, load_lr_scheduler_states=load_lr_scheduler
+        )
+        state = TrainState(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
+        rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            try:
+                rng = torch.load(rng_file, weights_only=True)  # tensors and plain values only
+            except Exception as exc:  # written by an older version (numpy arrays): never unpickled
+                logger.warning("not restoring RNG state from %s (%s); continuing with fresh RNG", rng_file, exc)
+            else:
+                restore_rng(rng)
+    return state
