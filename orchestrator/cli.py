@@ -11,11 +11,13 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from orchestrator.config import json_schema, load_config
 from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.terminal import ProgressView as _ProgressView
+from orchestrator.terminal import logs_hint, ray_logs_dir
+from orchestrator.tracking import SECRETS_FILE_ENV, VERBOSE_ENV
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Distributed training orchestrator for derived models."
@@ -31,62 +33,20 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-class _ProgressView:
-    """Renders the run's metrics.jsonl as a progress bar (step, loss, samples/s, ETA) and eval lines."""
+VerboseOption = typer.Option(
+    False,
+    "--verbose",
+    "-v",
+    help="Show everything: every worker's output and Ray's, torch's and DeepSpeed's logs. Without it: the run's "
+    "progress, results and warnings (the full logs stay in the Ray session folder).",
+)
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            TextColumn("step {task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]} samples/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-        )
-        self.task: Any = None
-        self.seen = 0
 
-    def __enter__(self) -> _ProgressView:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-    def __call__(self, records: list[dict[str, Any]]) -> None:
-        for record in records[self.seen :]:
-            kind = record.get("kind")
-            if kind == "start":
-                if self.task is None:
-                    self.task = self.progress.add_task("train", total=record["total_steps"], loss="-", rate="-")
-                self.progress.update(self.task, completed=record.get("step", 0))
-                resumed = record.get("resumed_from_step")
-                note = f", resumed at step {resumed}" if resumed is not None else ""
-                self.progress.console.print(
-                    f"workers: {record['world_size']}, precision {record['precision']}, parameters "
-                    f"{record['params_trainable']:,} trainable / {record['params_total']:,}{note}"
-                )
-            elif kind == "train" and self.task is not None:
-                self.progress.update(
-                    self.task,
-                    completed=record["step"],
-                    loss=f"{record['train/loss']:.4f}",
-                    rate=f"{record['train/samples_per_s']:.1f}",
-                )
-                if not self.enabled:
-                    console.print(
-                        f"step {record['step']}/{record['total_steps']} loss {record['train/loss']:.4f} "
-                        f"lr {record['train/lr']:.2e} {record['train/samples_per_s']:.1f} samples/s"
-                    )
-            elif kind == "eval":
-                shown = {k: v for k, v in record.items() if "/" in k and not k.endswith("samples_per_s")}
-                text = "  ".join(f"{k} {v:.4f}" for k, v in shown.items() if isinstance(v, float))
-                self.progress.console.print(f"eval @ step {record['step']}: {text}")
-        self.seen = len(records)
+def _set_verbose(verbose: bool) -> None:
+    """-v: this process and the Ray processes it starts or submits to (ORCHESTRATOR_VERBOSE) show everything."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        logging.getLogger().setLevel(logging.INFO)
 
 
 @app.command()
@@ -97,21 +57,24 @@ def train(
     address: str = typer.Option(
         None, "--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)."
     ),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Train a model on a Ray cluster (a local one by default)."""
     from orchestrator.cluster.launcher import run_training
 
+    _set_verbose(verbose)
     try:
         config = load_config(config_path, overrides)
     except ConfigError as exc:
         _fail(str(exc))
-    with _ProgressView(enabled=console.is_terminal) as view:
+    view = _ProgressView(enabled=console.is_terminal, eval_every_steps=config.training.eval_every_steps, out=console)
+    with view:
         try:
             result = run_training(config, resume=resume, address=address, source=str(config_path), progress=view)
         except OrchestratorError as exc:
             _fail(str(exc))
         except Exception as exc:  # Ray wraps worker errors; show the root cause, not a Ray traceback
-            _fail(_root_cause(exc), code=1)
+            _fail(_root_cause(exc) + logs_hint(), code=1)
     table = Table(title=f"run {config.name}", show_header=False)
     for key, value in sorted(result.metrics.items()):
         if isinstance(value, float):
@@ -120,6 +83,8 @@ def train(
     table.add_row("best model", str(result.best_model or "-"))
     table.add_row("checkpoint", str(result.checkpoint_path or "-"))
     table.add_row("W&B", str(result.wandb or "disabled"))
+    table.add_row("metrics", str(result.run_dir / "metrics.jsonl"))
+    table.add_row("Ray logs", ray_logs_dir() or "-")  # every worker's output, which -v shows while it runs
     skipped = result.data.get("train", {}).get("bad_rows_skipped", 0)
     if skipped:
         table.add_row("bad rows skipped (train)", str(skipped))
@@ -189,17 +154,29 @@ def submit(
     overrides: list[str] = SetOption,
     working_dir: Path = typer.Option(Path("."), "--working-dir", help="Folder uploaded as the job's working dir."),
     env: list[str] = typer.Option(
-        [], "--env", help="Environment variable NAME passed through to the job (repeatable)."
+        [], "--env", help="Environment variable NAME passed through to the job (repeatable); secrets are refused."
     ),
     pip: list[str] = typer.Option([], "--pip", help="Extra pip requirement installed in the job's env (repeatable)."),
     entrypoint_num_cpus: float = typer.Option(0.0, help="CPUs reserved for the job driver."),
     entrypoint_num_gpus: float = typer.Option(0.0, help="GPUs reserved for the job driver (keep 0)."),
     follow: bool = typer.Option(True, "--follow/--no-follow", help="Stream logs until the job ends."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its latest checkpoint."),
+    secrets_file: str = typer.Option(
+        None,
+        "--secrets-file",
+        envvar=SECRETS_FILE_ENV,
+        help="A file of NAME=value secrets (mode 0600) on storage the cluster's nodes mount: only its path travels "
+        "with the job, and the job's processes read it at start. Without it, the job sees the nodes' environment.",
+    ),
+    verbose: bool = VerboseOption,
 ) -> None:
-    """Submit a job to a Ray cluster through the Jobs API (token auth handled) and follow its logs."""
+    """Submit a job to a Ray cluster through the Jobs API (token auth handled) and follow its logs.
+
+    No secret is sent with the job (Ray shows a job's runtime env to every holder of the cluster token): the job
+    reads secrets such as WANDB_API_KEY from the cluster's nodes, or from --secrets-file."""
     from orchestrator.cluster.jobs import submit_job
 
+    _set_verbose(verbose)
     try:
         config = load_config(config_path, overrides)
     except ConfigError as exc:
@@ -221,6 +198,7 @@ def submit(
             follow=follow,
             resume=resume,
             echo=lambda text: console.print(text, highlight=False, markup=False, end=""),
+            secrets_file=secrets_file,
         )
     except OrchestratorError as exc:
         _fail(str(exc))
@@ -292,8 +270,32 @@ def sweep(
 # Model registry, continual retraining and its scheduler (issue #6)
 # --------------------------------------------------------------------------------------------------
 
+@app.command()
+def plan(
+    config_path: Path = typer.Argument(..., help="YAML job file."),
+    overrides: list[str] = SetOption,
+    device_memory: str = typer.Option(
+        None, "--device-memory", help="Memory of one worker's device, e.g. 80GB (default: this machine's first GPU, "
+        "or its RAM shared by the job's workers when it has none)."
+    ),
+    gpu: bool = typer.Option(None, "--gpu/--cpu", help="Plan for GPU workers (bf16 by default) or CPU workers (fp32)."),
+) -> None:
+    """Expected memory per worker (model states by ZeRO stage and offload, activations with or without gradient
+    checkpointing, logits) and whether it fits, before any resource is taken."""
+    from orchestrator.cluster.memory_plan import plan_for_job
+
+    try:
+        config = load_config(config_path, overrides)
+        table, fits_device = plan_for_job(config, device_memory=device_memory, gpu=gpu)
+    except (ConfigError, OrchestratorError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(table)
+    if not fits_device:
+        raise typer.Exit(1)
+
+
 registry_app = typer.Typer(
-    no_args_is_help=True, help="Registered models: list, show, lineage, promote, rollback, report."
+    no_args_is_help=True, help="Registered models: list, show, lineage, promote, rollback, report, release."
 )
 app.add_typer(registry_app, name="registry")
 
@@ -343,6 +345,20 @@ def registry_list(
             m.id, m.status, m.method, parent, m.licence or "?", _headline(m), m.created_at, style=styles.get(m.status)
         )
     console.print(table)
+    _print_quarantine(reg, name)
+
+
+def _print_quarantine(reg: Any, name: str | None) -> None:
+    """The continual shards quarantined after failed rounds (none: nothing printed)."""
+    shards = reg.quarantined(name)
+    if not shards:
+        return
+    table = Table(title="quarantined shards (rounds kept failing; orchestrator registry release SHA256 retries)")
+    for column in ("name", "sha256", "file", "attempts", "reason", "since"):
+        table.add_column(column, overflow="fold")
+    for q in shards:
+        table.add_row(q.name, q.sha256[:12], q.path or "-", str(q.attempts), q.reason, q.quarantined_at, style="red")
+    console.print(table)
 
 
 @registry_app.command("show")
@@ -372,6 +388,7 @@ def registry_show(
         ("base model", m.base_model or "-"),
         ("licence", m.licence or "unknown"),
         ("artifact", m.artifact),
+        ("files sha256", f"{m.weights_sha256} ({len(m.files or {})} files)" if m.weights_sha256 else "-"),
         ("checkpoint", m.checkpoint or "-"),
         ("code version", m.code_version or "-"),
         ("created", m.created_at),
@@ -392,6 +409,8 @@ def registry_show(
         rows.append((f"metrics {eval_set}", shown))
     for eval_set, value in (m.metrics.get("forgetting") or {}).items():
         rows.append((f"forgetting {eval_set}", f"{value:+.4f}"))
+    for q in reg.quarantined(m.name):
+        rows.append(("quarantined", f"{q.path} sha256 {q.sha256[:12]} after {q.attempts} attempts: {q.reason}"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
@@ -466,6 +485,24 @@ def registry_rollback(
     except RegistryError as exc:
         _fail(str(exc))
     console.print(f"{restored.id} is the champion of {restored.name} again ({demoted.id} archived)")
+
+
+@registry_app.command("release")
+def registry_release(
+    sha256: str = typer.Argument(..., help="The quarantined shard's sha256 (or its first characters, as listed)."),
+    registry: Path = RegistryOption,
+    name: str = typer.Option(None, "--name", help="Only the quarantine of this model name."),
+) -> None:
+    """Lift a shard's quarantine: the scheduler trains on it again, its failed attempts counted from zero."""
+    from orchestrator.lifecycle.registry_records import RegistryError
+
+    reg = _open_registry(registry)
+    try:
+        released = reg.release(sha256, name)
+    except RegistryError as exc:
+        _fail(str(exc))
+    for q in released:
+        console.print(f"released {q.path} (sha256 {q.sha256[:12]}) of {q.name}", highlight=False)
 
 
 @registry_app.command("report")

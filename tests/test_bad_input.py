@@ -241,7 +241,33 @@ def model_path_missing(ws: Workspace) -> Bad:
     return Bad(
         check,
         where=["model.path", f"{ws.root / 'no-such-model'}' does not exist"],
-        fix=["a local folder, the alias 'minilm', or org/name"],
+        fix=["a local folder, the alias 'minilm', or a hub id: name or org/name"],
+        config_file=path,
+    )
+
+
+@case
+def max_length_beyond_the_models_positions(ws: Workspace) -> Bad:
+    job = ws.job()
+    job["data"]["max_length"] = 100000  # the tiny BERT embeds 256 positions (max_position_embeddings)
+    path, check = ws.preflighted(job)
+    return Bad(
+        check,
+        where=["data.max_length", "100000 tokens per row", "has positions for 256 (max_position_embeddings"],
+        fix=["set data.max_length to 256 or less"],
+        config_file=path,
+    )
+
+
+@case
+def model_path_neither_a_folder_nor_a_hub_id(ws: Workspace) -> Bad:
+    job = ws.job()
+    job["model"]["path"] = "runs/old-run/final"  # relative, missing, and two slashes: no hub id either
+    path, check = ws.preflighted(job)
+    return Bad(
+        check,
+        where=["model.path", "'runs/old-run/final' is not a local folder", "nor a valid Hugging Face Hub id"],
+        fix=["give a model folder, the alias 'minilm', or a hub id such as 'gpt2' or 'org/name'"],
         config_file=path,
     )
 

@@ -15,8 +15,30 @@ from orchestrator.config import load_config
 from orchestrator.config.retrain import is_retrain_file, load_retrain
 from tests.conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+def yaml_files(root: Path) -> list[Path]:
+    """Every YAML file under ``root``, subfolders included (both extensions YAML uses)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml"))
+
+
+CONFIGS = yaml_files(REPO / "configs")
 ORCHESTRATOR = str(Path(sys.executable).with_name("orchestrator"))
+
+
+def make_prerequisites(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a config's header comment says to make first: distill.yaml's teacher (the quickstart's export, here
+    a copy of MiniLM at the path the quickstart writes), causal_lm.yaml's model (scripts/make_causal_lm.py)."""
+    import shutil
+
+    from orchestrator.models.loading import resolve_model_path
+
+    if path.name == "distill.yaml":
+        shutil.copytree(resolve_model_path("minilm"), tmp_path / "quickstart" / "final")
+    if path.name == "causal_lm.yaml":
+        sys.path.insert(0, str(REPO / "scripts"))
+        from make_causal_lm import build
+
+        monkeypatch.setenv("CAUSAL_LM_PATH", str(build(tmp_path / "small-llama", hidden=64, layers=2)))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
@@ -24,6 +46,7 @@ def test_shipped_config_is_valid_and_its_data_and_model_resolve(path, shared_dat
     monkeypatch.setenv("DATA_DIR", str(shared_data))
     monkeypatch.setenv("OUTPUT_DIR", str(tmp_path))
     assert path.read_text().startswith("# "), "a config starts with a comment showing the command that runs it"
+    make_prerequisites(path, tmp_path, monkeypatch)
     if is_retrain_file(path):  # a continual-retraining file: its base job is checked like any job
         monkeypatch.setenv("WATCH_DIR", str(tmp_path / "incoming"))
         config = load_retrain(path).job
@@ -35,6 +58,29 @@ def test_shipped_config_is_valid_and_its_data_and_model_resolve(path, shared_dat
 
 def test_there_are_shipped_configs():
     assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+
+
+def test_a_config_per_method_and_major_feature_is_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart.yaml", "full_finetune.yaml", "lora.yaml", "distill.yaml", "causal_lm.yaml"} <= names
+    assert {"sweep_lr_unfreeze.yaml", "retrain.yaml"} <= names
+
+
+def test_every_yaml_file_under_configs_is_checked_subfolders_included(tmp_path):
+    (tmp_path / "nested" / "deeper").mkdir(parents=True)
+    for name in ("a.yaml", "nested/b.yml", "nested/deeper/c.yaml", "notes.txt"):
+        (tmp_path / name).write_text("# x\n")
+
+    assert [str(p.relative_to(tmp_path)) for p in yaml_files(tmp_path)] == [
+        "a.yaml", "nested/b.yml", "nested/deeper/c.yaml"
+    ]
+
+
+def test_each_config_names_its_command_in_the_first_lines():
+    for path in CONFIGS:
+        head = [line for line in path.read_text().splitlines()[:3] if line.startswith("# ")]
+        rel = str(path.relative_to(REPO))
+        assert any(rel in line and ("orchestrator " in line or "jobs/" in line) for line in head), rel
 
 
 def test_config_reference_is_up_to_date():

@@ -576,13 +576,21 @@ class FakeClock:
 
 
 class FakeJobClient:
-    """Records submissions; job states are set by the test (queued outcomes)."""
+    """Records submissions; job states are set by the test (queued outcomes). It refuses what the real client
+    refuses: arguments ``JobSubmissionClient.submit_job`` does not take, and a runtime env Ray would reject."""
 
     def __init__(self):
         self.submitted: list[dict[str, Any]] = []
         self.states: dict[str, str] = {}
 
     def submit_job(self, **kwargs: Any) -> str:
+        import inspect
+
+        from ray.job_submission import JobSubmissionClient
+        from ray.runtime_env import RuntimeEnv
+
+        inspect.signature(JobSubmissionClient.submit_job).bind(self, **kwargs)  # TypeError, as the real one raises
+        RuntimeEnv(**(kwargs.get("runtime_env") or {}))  # e.g. env_vars values must be strings
         self.submitted.append(kwargs)
         self.states[kwargs["submission_id"]] = "PENDING"
         return kwargs["submission_id"]
@@ -657,14 +665,86 @@ def test_scheduler_marks_rounds_whose_job_died_or_never_started(tmp_path):
     _shard(tmp_path / "incoming", "s1.tsv", 20)
     scheduler.tick()
     _finish_round(scheduler, client, state="FAILED", record=False)  # the job died before recording anything
-    assert scheduler.tick().startswith("submitted round 2")  # round 1 marked failed; its data is retried
+    # Round 1 is marked failed; its data is retried, after a back-off (no longer at the very next poll).
+    assert scheduler.tick().startswith("backing off: s1.tsv failed 1 of 3 attempts (job retrain-sent-")
     assert scheduler.registry.rounds("sent")[0].status == "failed"
     assert "ended FAILED" in scheduler.registry.rounds("sent")[0].message
+    clock.sleep(600)  # schedule.retry_backoff_s
+    assert scheduler.tick().startswith("submitted round 2")
 
     # A claim whose submission never reached the cluster (scheduler killed in between) is abandoned.
     client.states.clear()
     assert scheduler.tick().startswith("submitted round 3")
     assert scheduler.registry.rounds("sent")[1].status == "abandoned"
+
+
+def _drive(scheduler, client, clock, failing: set[str], ticks: int, start: float) -> list[tuple[float, list[str]]]:
+    """Tick every poll_s; each submitted round's job fails if it trains on a file named in ``failing``, else
+    runs the round. Returns (seconds since ``start``, file names) of each submission."""
+    submitted: list[tuple[float, list[str]]] = []
+    for _ in range(ticks):
+        before = len(client.submitted)
+        scheduler.tick()
+        if len(client.submitted) > before:
+            round_id = int(client.submitted[-1]["entrypoint"].split("--round-id ")[1])
+            files = [Path(f["path"]).name for f in scheduler.registry.get_round(round_id).new_data]
+            submitted.append((clock.now - start, files))
+            if failing & set(files):
+                _finish_round(scheduler, client, state="FAILED", record=False)
+            else:
+                _finish_round(scheduler, client)
+        clock.sleep(scheduler.schedule.poll_s)
+    return submitted
+
+
+def test_a_shard_whose_rounds_keep_failing_backs_off_then_is_quarantined_by_content(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    client, clock = FakeJobClient(), FakeClock()
+    start = clock.now
+    notes: list[str] = []
+    scheduler = _scheduler(tmp_path, client, clock)
+    scheduler.echo = notes.append
+    bad = _shard(tmp_path / "incoming", "s1.tsv", 20)
+    _shard(tmp_path / "incoming", "s2.tsv", 20, start=100)
+
+    # 2 hours of polls every 30 s. Round 1 trains both shards and fails; after the back-off (600 s) the shards
+    # are retried one at a time: s1 fails again, s2 succeeds; s1's next try waits twice as long (1200 s), fails
+    # a third time (schedule.max_attempts) and is quarantined: no more rounds.
+    submitted = _drive(scheduler, client, clock, {"s1.tsv"}, ticks=240, start=start)
+    assert submitted == [(0, ["s1.tsv", "s2.tsv"]), (630, ["s1.tsv"]), (660, ["s2.tsv"]), (1860, ["s1.tsv"])]
+    reg = scheduler.registry
+    assert [(r.round, r.status) for r in reg.rounds("sent")] == [
+        (1, "failed"), (2, "failed"), (3, "succeeded"), (4, "failed")
+    ]  # fmt: skip
+    (shard,) = reg.quarantined("sent")
+    assert shard.path.endswith("s1.tsv") and shard.attempts == 3 and "ended FAILED without a result" in shard.reason
+    assert any("quarantined" in n and shard.sha256[:12] in n for n in notes)
+    assert [e["kind"] for e in reg.events("sent")].count("quarantine") == 1
+
+    (tmp_path / "incoming" / "s1-copy.tsv").write_bytes(bad.read_bytes())  # the same content, another name
+    assert scheduler.tick() == "no new data"  # quarantined by content hash
+
+    monkeypatch.setenv("COLUMNS", "250")
+    runner = CliRunner()
+    listing = runner.invoke(app, ["registry", "list", "--registry", str(reg.path)], catch_exceptions=False).output
+    assert "quarantined shards" in listing and shard.sha256[:12] in listing and "ended FAILED" in listing
+    shown = runner.invoke(app, ["registry", "show", "sent-v1", "--registry", str(reg.path)]).output
+    assert "quarantined" in shown and shard.sha256[:12] in shown
+    released = runner.invoke(app, ["registry", "release", shard.sha256[:12], "--registry", str(reg.path)])
+    assert released.exit_code == 0 and "released" in released.output and reg.quarantined() == []
+    assert scheduler.tick().startswith("submitted round 5 ")  # counted from zero again: no back-off
+
+    # A submission that never reaches the cluster is no attempt of the data: retried at the next poll.
+    client.states.clear()  # round 5's job is unknown to the cluster: abandoned
+    client.submit_job = lambda **kw: (_ for _ in ()).throw(ConnectionError("cluster unreachable"))
+    assert shard.sha256 not in reg.shard_attempts("sent")  # released: its attempts count from zero
+    assert "failed: cluster unreachable" in scheduler.tick()
+    assert reg.rounds("sent")[-1].status == "abandoned"
+    assert shard.sha256 not in reg.shard_attempts("sent")
+    assert scheduler.tick().startswith("submission of round 7 failed")  # next poll, no back-off
 
 
 def test_interval_and_cron_triggers_follow_the_fake_clock_and_survive_restarts(tmp_path):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.errors import ConfigError
+from orchestrator.methods.student_init import student_from_teacher
 from orchestrator.methods.teacher_student import (
     HiddenProjector,
     check_vocab_match,
@@ -19,7 +20,6 @@ from orchestrator.methods.teacher_student import (
     hidden_state_loss,
     logit_kd_loss,
     parse_layer_map,
-    student_from_teacher,
 )
 from orchestrator.models.layers import find_blocks_module, find_layer_groups
 

@@ -99,7 +99,8 @@ def test_distill_into_a_lora_student_under_zero3(ray_cluster, teacher4, shared_d
     records = read_metrics(result.run_dir)
     start = next(r for r in records if r["kind"] == "start")
     assert 0 < start["params_trainable"] < start["params_total"] / 2
-    assert all(math.isfinite(r["train/loss"]) for r in records if r["kind"] == "train")
+    train = [r for r in records if r["kind"] == "train"]
+    assert train and all(math.isfinite(r["train/loss"]) for r in train)  # no train record would have passed
     student = AutoModelForSequenceClassification.from_pretrained(result.final_model)
     assert student.config.num_hidden_layers == 2
     assert (result.final_model / "adapter" / "adapter_config.json").exists()

@@ -4,13 +4,19 @@ stopped afterwards."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -62,11 +68,14 @@ def _stop_head(temp_dir: str) -> None:
         proc.kill()
 
 
-@pytest.fixture
-def ray_head():
+@contextlib.contextmanager
+def running_head(**node_env: str) -> Iterator[tuple[str, str]]:
+    """A `ray start --head` on loopback with ports and a temp dir of its own (token auth on); yields the
+    dashboard address and the temp dir, and stops only this head's processes. ``node_env``: more variables in
+    the head's environment, which every Ray process of the node (job drivers and workers included) inherits."""
     temp_dir = tempfile.mkdtemp(prefix="orh-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dashboard, agent, agent_grpc, client, metrics, runtime_env, node_mgr, obj_mgr = _free_ports(9)
-    env = _user_env(RAY_AUTH_MODE="token")
+    env = _user_env(RAY_AUTH_MODE="token", **node_env)
     command = [
         RAY,
         "start",
@@ -109,10 +118,35 @@ def ray_head():
             if probe.returncode == 0:
                 break
             time.sleep(2)
-        yield address
+        yield address, temp_dir
     finally:
         _stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    with running_head() as (address, _):
+        yield address
+
+
+def served_job_records(address: str, job_id: str) -> dict[str, str]:
+    """Everything the cluster serves about a job to a holder of its token, as text: the Jobs API's job info, job
+    list and job logs (``JobSubmissionClient``), and the dashboard's job endpoints (HTTP GET /api/jobs/ and
+    /api/jobs/<id>)."""
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {find_auth_token()}"}
+    client = JobSubmissionClient(address, headers=headers)
+    records = {
+        "get_job_info": client.get_job_info(job_id).model_dump_json(),
+        "list_jobs": json.dumps([job.model_dump(mode="json") for job in client.list_jobs()]),
+        "get_job_logs": client.get_job_logs(job_id),
+    }
+    for path in ("/api/jobs/", f"/api/jobs/{job_id}"):
+        with urllib.request.urlopen(urllib.request.Request(address + path, headers=headers), timeout=30) as answer:
+            records[f"GET {path}"] = answer.read().decode()
+    return records
 
 
 def _job_dir(tiny_models, shared_data, tmp_path: Path) -> tuple[Path, Path]:
@@ -159,7 +193,8 @@ def test_orchestrator_submit_follows_logs_and_fails_loudly(ray_head, tiny_models
     work, config = _job_dir(tiny_models, shared_data, tmp_path)
     env = _user_env()
     env.pop("RAY_AUTH_MODE", None)  # orchestrator submit finds the token itself
-    env["WANDB_API_KEY"] = "planted-secret-value-1234"  # passed through to the job, never printed
+    planted = secrets.token_hex(20)
+    env["WANDB_API_KEY"] = planted  # set in the user's shell: never sent with the job (issue 20)
     env["WANDB_MODE"] = "offline"
     ok = subprocess.run(
         [ORCHESTRATOR, "submit", str(config), "--address", ray_head, "--working-dir", str(work)],
@@ -171,8 +206,12 @@ def test_orchestrator_submit_follows_logs_and_fails_loudly(ray_head, tiny_models
     )
     output = ok.stdout + ok.stderr
     assert ok.returncode == 0, output[-4000:]
-    assert "WANDB_API_KEY=***" in output
-    assert "planted-secret-value-1234" not in output
+    assert "WANDB_API_KEY set here: not sent" in output
+    # What the cluster keeps and serves about the job (the client's own output is masked, so it proves nothing).
+    job_id = re.search(r"submitted (\S+) to ", output).group(1)
+    served = served_job_records(ray_head, job_id)
+    assert "WANDB_MODE" in served["get_job_info"]  # the runtime env is in what was searched
+    assert [where for where, text in served.items() if planted in text] == []
     assert (tmp_path / "runs" / "submitted" / "final" / "config.json").is_file()
 
     bad = subprocess.run(

@@ -10,7 +10,8 @@ from orchestrator.cluster.preflight import preflight
 from orchestrator.config import config_from_dict
 from orchestrator.errors import ConfigError, ModelError
 from orchestrator.methods.base import MethodContext
-from orchestrator.methods.lora import LoraMethod, check_targets, merge_into_full_model
+from orchestrator.methods.lora import LoraMethod, check_targets
+from orchestrator.models.weight_stream import WeightStream
 from tests.conftest import tiny_job
 
 
@@ -51,7 +52,11 @@ def test_merged_model_gives_the_adapter_models_logits(tiny_models, shared_data, 
             if "lora_B" in name:
                 param.normal_(0, 0.5)
     model.eval()
-    merged = merge_into_full_model(model, model.state_dict()).eval()
+    (tmp_path / "export").mkdir()
+    LoraMethod().save_weights(model, WeightStream(model, is_rank0=True), tmp_path / "export", config)
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
     batch = {"input_ids": torch.tensor([[101, 2307, 3185, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-4)
     assert not any("lora" in n for n, _ in merged.named_parameters())

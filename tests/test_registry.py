@@ -103,8 +103,8 @@ def test_gate_decisions_and_their_rules(tmp_path):
     reg.promote(a.id)
     with pytest.raises(RegistryError, match="already the champion"):
         reg.promote(a.id)
-    with pytest.raises(RegistryError, match="several names"):
-        _add(reg, "other", status="champion")
+    _add(reg, "other", status="champion")
+    with pytest.raises(RegistryError, match="several names"):  # only the call that must raise inside
         reg.rollback()
 
 
@@ -243,7 +243,17 @@ def test_models_are_logged_as_wandb_artifacts_with_lineage_when_online(tmp_path,
         def finish(self):
             calls.append(("finish",))
 
-    fake = types.SimpleNamespace(init=lambda **kw: FakeRun(), Artifact=FakeArtifact)
+    import inspect
+
+    import wandb
+
+    real_init = inspect.signature(wandb.init)
+
+    def init(**kwargs):
+        real_init.bind(**kwargs)  # what the real wandb.init refuses (a misspelled argument), the fake refuses too
+        return FakeRun()
+
+    fake = types.SimpleNamespace(init=init, Artifact=FakeArtifact)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # mode auto -> online
     base = tmp_path / "base"
@@ -255,3 +265,178 @@ def test_models_are_logged_as_wandb_artifacts_with_lineage_when_online(tmp_path,
     assert ("use", "job:job-v1") in calls  # the child's logging run consumes the parent artifact
     assert ("log", ("job-v2", "candidate")) in calls
     assert Registry(tmp_path / "runs" / "registry.sqlite").get(second.id).wandb_artifact == "job:job-v2"
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered models are immutable: version folders, hashes checked on promote, rollback and predict
+# --------------------------------------------------------------------------------------------------
+
+
+def _export(final: Path, weights: str) -> None:
+    """What an export leaves in a run's final/ folder (the weights' bytes given)."""
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "model.safetensors").write_text(weights)
+    (final / "config.json").write_text('{"id2label": {"0": "0", "1": "1"}}')
+    (final / "orchestrator_job.yaml").write_text("name: job\n")
+
+
+def _rerun_export(final: Path, weights: str) -> None:
+    """A later run of the same name exporting: a new folder swapped in for final/, as export.py does."""
+    from orchestrator.train.folder_swap import replace_folder
+
+    staging = final.with_name(".final-rerun")
+    _export(staging, weights)
+    replace_folder(staging, final)
+
+
+def test_a_registered_model_is_a_version_folder_that_a_later_run_of_the_name_cannot_change(tmp_path):
+    import hashlib
+
+    from orchestrator.models.predict import predict
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    config = _job(tmp_path, base)
+    result = _result(tmp_path, "job")
+    _export(result.final_model, "weights of run 1")
+    first = register_run(config, result)
+    reg = Registry(tmp_path / "runs" / "registry.sqlite")
+    version = Path(first.artifact)
+    assert version != result.final_model.resolve() and version == reg.artifacts_dir.resolve() / "job-v1"
+    assert first.files["model.safetensors"] == hashlib.sha256(b"weights of run 1").hexdigest()
+    assert len(first.weights_sha256) == 64 and reg.get(first.id).weights_sha256 == first.weights_sha256
+    assert not (version / "model.safetensors").stat().st_mode & 0o222  # read-only
+
+    _rerun_export(result.final_model, "weights of run 2")  # the same name again: final/ is rewritten
+    assert (version / "model.safetensors").read_text() == "weights of run 1"
+    second = register_run(config, result)
+    assert second.id == "job-v2" and Path(second.artifact).name == "job-v2"
+    assert second.weights_sha256 != first.weights_sha256
+    assert reg.promote(first.id).status == "champion"  # its files are those registered
+    reg.promote(second.id)
+
+    # A warm start from a run's final/ (not the version folder) still finds its registered parent, by content.
+    warm = register_run(_job(tmp_path, result.final_model, name="warm"), _result(tmp_path, "warm"))
+    assert warm.parent_id == second.id
+
+    weights = version / "model.safetensors"
+    weights.chmod(0o644)
+    weights.write_text("weights changed in place")  # e.g. by root, whom read-only files do not stop
+    (version / "notes.txt").write_text("added")
+    from orchestrator.lifecycle.artifact_store import ArtifactChangedError
+
+    with pytest.raises(ArtifactChangedError) as info:
+        reg.rollback("job")
+    message = str(info.value)
+    assert "job-v1" in message and str(version) in message
+    assert "model.safetensors changed (sha256" in message and "notes.txt was added" in message
+    assert reg.champion("job").id == second.id  # nothing was rolled back
+    with pytest.raises(ArtifactChangedError, match="job-v1"):
+        reg.promote(first.id)
+    with pytest.raises(ArtifactChangedError, match=r"job-v1: the files in its registered folder .*model.safetensors"):
+        predict(version, ["a text"])  # checked before anything is loaded
+    (version / "notes.txt").unlink()
+    import shutil
+
+    shutil.rmtree(Path(second.artifact))
+    with pytest.raises(ArtifactChangedError, match="job-v2: its registered folder .* is gone"):
+        reg.verify(second.id)
+
+
+# The registry schema as version 1 wrote it (before hashes and quarantine), to check that such files still open.
+_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE models (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, parent_id TEXT REFERENCES models(id),
+    parent_ref TEXT, teacher_id TEXT REFERENCES models(id), teacher_ref TEXT, method TEXT NOT NULL, base_model TEXT,
+    licence TEXT, config_json TEXT NOT NULL, data_json TEXT NOT NULL, metrics_json TEXT NOT NULL,
+    artifact TEXT NOT NULL, checkpoint TEXT, code_version TEXT, created_at TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('candidate', 'champion', 'rejected', 'archived')),
+    decision TEXT, decision_reason TEXT, round INTEGER, wandb_artifact TEXT, UNIQUE (name, version)
+);
+CREATE INDEX models_by_name ON models (name, status);
+CREATE INDEX models_by_parent ON models (parent_id);
+CREATE UNIQUE INDEX one_champion_per_name ON models (name) WHERE status = 'champion';
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+    model_id TEXT, previous_id TEXT, reason TEXT
+);
+CREATE INDEX events_by_name ON events (name, id);
+CREATE TABLE rounds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, round INTEGER NOT NULL, status TEXT NOT NULL,
+    submission_id TEXT, host TEXT, pid INTEGER, new_data_json TEXT NOT NULL DEFAULT '[]', spec_json TEXT,
+    candidate_id TEXT, decision TEXT, message TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    UNIQUE (name, round)
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO models VALUES ('old-v1', 'old', 1, NULL, '/models/base', NULL, NULL, 'full', '/models/base', 'mit',
+    '{}', '{}', '{"eval": {"sst2": {"accuracy": 0.8}}}', '/runs/old/final', NULL, 'rev0', '2024-01-01T00:00:00+00:00',
+    'candidate', NULL, NULL, NULL, NULL);
+INSERT INTO events (at, name, kind, model_id, previous_id, reason)
+    VALUES ('2024-01-01T00:00:00+00:00', 'old', 'register', 'old-v1', NULL, 'registered as candidate');
+"""
+
+
+def test_a_registry_written_by_the_previous_schema_opens_upgraded(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    path = tmp_path / "registry.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_V1)
+    reg = Registry(path)
+    old = reg.get("old-v1")
+    assert (old.weights_sha256, old.files, old.artifact) == (None, None, "/runs/old/final")
+    with sqlite3.connect(path) as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(models)")}
+        assert {"weights_sha256", "files_json"} <= columns
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    assert reg.promote("old-v1").status == "champion"  # registered without hashes: nothing to check
+    new = _add(reg, "old", files={"w": "0" * 64}, weights_sha256="1" * 64)
+    assert reg.get(new.id).files == {"w": "0" * 64} and reg.quarantined() == []
+    assert Registry(path).get("old-v1").status == "champion"  # opening again changes nothing
+
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+    for args in (["list"], ["show", "old-v1"], ["lineage", "old-v1"]):
+        done = runner.invoke(app, ["registry", *args, "--registry", str(path)], catch_exceptions=False)
+        assert done.exit_code == 0 and "old-v1" in done.output, done.output
+
+
+def test_a_model_registered_before_version_folders_is_kept_before_a_rerun_replaces_its_folder(tmp_path, monkeypatch):
+    import orchestrator.cluster.launcher as launcher
+    from orchestrator.cluster.launcher import run_training
+
+    class Stop(Exception):
+        pass
+
+    def no_cluster(*args, **kwargs):
+        raise Stop()
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(8)))
+    final = tmp_path / "runs" / "job" / "final"
+    _export(final, "weights registered by the old version")
+    path = tmp_path / "runs" / "registry.sqlite"
+    with sqlite3.connect(path) as conn:  # what the previous version recorded: the run's final/, no hashes
+        conn.executescript(_SCHEMA_V1)
+        conn.execute(
+            "INSERT INTO models (id, name, version, method, config_json, data_json, metrics_json, artifact, "
+            "created_at, status) VALUES ('job-v1', 'job', 1, 'full', '{}', '{}', '{}', ?, 't', 'champion')",
+            (str(final.resolve()),),
+        )
+    monkeypatch.setattr(launcher, "ensure_ray", no_cluster)
+    with pytest.raises(Stop):
+        run_training(_job(tmp_path, base))  # a rerun of the name, stopped where it would take the cluster
+    reg = Registry(path)
+    kept = reg.get("job-v1")
+    assert kept.artifact != str(final.resolve()), "the rerun would replace the registered folder"
+    assert Path(kept.artifact) == reg.artifacts_dir.resolve() / "job-v1" and kept.files is not None
+    assert "adopt" in [e["kind"] for e in reg.events("job")]
+    _rerun_export(final, "weights of the rerun")
+    assert (Path(kept.artifact) / "model.safetensors").read_text() == "weights registered by the old version"
+    assert reg.verify("job-v1").status == "champion"

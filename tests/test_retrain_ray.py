@@ -93,7 +93,7 @@ def test_two_rounds_through_the_ray_jobs_api(ray_head, tiny_models, shared_data,
     assert v2.decision == "promote" and "max forgetting" in v2.decision_reason
     assert v2.code_version  # passed to the job: its uploaded copy has no .git
     assert Path(v2.artifact, "model.safetensors").is_file()
-    round2 = read_metrics(Path(v2.artifact).parent)
+    round2 = read_metrics(Path(v2.config["output"]["dir"]) / v2.config["name"])  # the round's run folder
     assert any("train/l2_to_start" in r for r in round2 if r["kind"] == "train")  # L2 to the champion was on
 
     files = write_report(registry, "cl", tmp_path / "report")
@@ -162,7 +162,9 @@ def test_a_plain_training_run_registers_its_model(ray_cluster, tiny_models, shar
     result = run_training(config)
     assert result.model_id == "plain-v1"
     record = Registry(tmp_path / "registry.sqlite").get("plain-v1")
-    assert record.status == "candidate" and record.artifact == str(result.final_model)
+    assert record.status == "candidate" and Path(record.artifact).name == "plain-v1"  # its own version folder
+    exported = [p for p in result.final_model.rglob("*") if p.is_file()]
+    assert record.files == {p.relative_to(result.final_model).as_posix(): sha256_file(p) for p in exported}
     assert record.data["train"]["sha256"] == sha256_file(shared_data / "sst2" / "train.tsv")
     assert record.data["train"]["rows"] == 192 and record.eval_metrics["sst2"]["accuracy"] >= 0
     assert record.parent_ref == str(tiny_models["bert"].resolve()) and record.config["name"] == "plain"

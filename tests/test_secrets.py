@@ -10,11 +10,19 @@ The run happens in a child process with a Ray instance of its own (``address="lo
 the planted ``RAY_AUTH_TOKEN`` is the token of that instance alone: it cannot break the authentication of a
 cluster that is already running (the session's ``ray_cluster``, or a head started by ``ray start``), and the
 default token file ``~/.ray/auth_token`` is not touched.
+
+A submitted job (issue 20, item 9) carries no secret: against a real ``ray start --head``, planted values are in
+none of what the cluster serves about the job (Jobs API job info and list, job logs, the dashboard's job
+endpoints) nor in the head's session logs, while the job's driver, a task and a Ray Train worker still have them,
+from the node's environment and from the job's 0600 secrets file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -26,9 +34,9 @@ import pytest
 import torch
 import yaml
 
-from orchestrator.tracking import SECRET_ENV_VARS
+from orchestrator.tracking import SECRET_ENV_VARS, SECRETS_FILE_ENV
 from tests.conftest import REPO, tiny_job
-from tests.test_job_submit import _stop_head
+from tests.test_job_submit import ORCHESTRATOR, _job_dir, _stop_head, _user_env, running_head, served_job_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.ci]
 
@@ -165,3 +173,88 @@ def test_planted_secrets_appear_in_no_file_log_or_output_of_a_run(tiny_models, s
 
     token_file_after = default_token.stat().st_mtime_ns if default_token.exists() else None
     assert token_file_after == token_file_before, "the default Ray token file was rewritten"
+
+
+# Stands in for jobs/train.py in the uploaded working dir: where the job's processes see the secrets, as digests.
+PROBE = r"""
+import hashlib, json, os, sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ray
+import ray.train
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from orchestrator.cluster.preflight import preflight
+from orchestrator.config import load_config
+
+NAMES = ("WANDB_API_KEY", "HF_TOKEN")
+
+
+def digests():
+    return {n: hashlib.sha256(os.environ[n].encode()).hexdigest() if os.environ.get(n) else None for n in NAMES}
+
+
+def train_worker(config):
+    if ray.train.get_context().get_world_rank() == 0:  # where W&B runs
+        Path(config["out"], "train_worker.json").write_text(json.dumps(digests()))
+
+
+out = Path(os.environ["PROBE_OUT"])
+overrides = [sys.argv[i + 1] for i, arg in enumerate(sys.argv) if arg == "--set"]
+checked = preflight(load_config(sys.argv[1], overrides))  # what `orchestrator train` does first, on the driver
+(out / "driver.json").write_text(json.dumps(digests()))
+ray.init()
+(out / "task.json").write_text(json.dumps(ray.get(ray.remote(num_cpus=0)(digests).remote())))
+storage = str(checked.run_dir / "ray")
+TorchTrainer(train_worker, train_loop_config={"out": str(out)}, scaling_config=ScalingConfig(num_workers=1),
+             run_config=RunConfig(name="probe", storage_path=storage)).fit()
+print("probe done: digests only")
+"""
+
+
+def _sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def test_a_submitted_job_carries_no_secret_yet_its_processes_have_them(tiny_models, shared_data, tmp_path):
+    wandb_key, hf_token = secrets.token_hex(20), f"hf_{secrets.token_hex(16)}"
+    # HF_TOKEN from the node's environment (as the KubeRay manifests give a Secret to the Ray pods); the W&B key
+    # from the job's secrets file on storage the nodes mount (here: the same host).
+    with running_head(HF_TOKEN=hf_token) as (address, head_dir):
+        work, config = _job_dir(tiny_models, shared_data, tmp_path)
+        (work / "jobs" / "train.py").write_text(PROBE)
+        secrets_file = tmp_path / "shared" / "orchestrator.env"
+        secrets_file.parent.mkdir()
+        secrets_file.write_text(f"WANDB_API_KEY={wandb_key}\n")
+        secrets_file.chmod(0o600)
+        probe_out = tmp_path / "probe"
+        probe_out.mkdir()
+        # The user's shell has both secrets set too (so they could leak from there) and names the file.
+        env = _user_env(WANDB_API_KEY=wandb_key, HF_TOKEN=hf_token, PROBE_OUT=str(probe_out))
+        env[SECRETS_FILE_ENV] = str(secrets_file)
+        env.pop("RAY_AUTH_MODE", None)
+        submitted = subprocess.run(
+            [ORCHESTRATOR, "submit", str(config), "--address", address, "--working-dir", str(work),
+             "--env", "PROBE_OUT"],
+            env=env, cwd=work, capture_output=True, text=True, timeout=600,
+        )
+        output = submitted.stdout + submitted.stderr
+        job_id = re.search(r"submitted (\S+) to ", output).group(1)
+        served = served_job_records(address, job_id)
+        head_logs = _files_holding(Path(head_dir), {"WANDB_API_KEY": wandb_key.encode()})
+
+    planted = {"WANDB_API_KEY": wandb_key, "HF_TOKEN": hf_token}
+    assert "PROBE_OUT" in served["GET /api/jobs/" + job_id]  # the job's runtime env is in what was searched
+    leaks = {where: [n for n, v in planted.items() if v in text] for where, text in served.items()}
+    assert {where: names for where, names in leaks.items() if names} == {}, "secrets served with the job"
+    assert head_logs == {}, f"the W&B key is in the head's session files: {head_logs}"
+    assert [name for name, value in planted.items() if value in output] == []
+
+    assert submitted.returncode == 0, output[-4000:]
+    assert "probe done: digests only" in served["get_job_logs"]
+    expected = {"WANDB_API_KEY": _sha(wandb_key), "HF_TOKEN": _sha(hf_token)}
+    for process in ("driver", "task", "train_worker"):
+        assert json.loads((probe_out / f"{process}.json").read_text()) == expected, process
+

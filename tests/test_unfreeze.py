@@ -250,3 +250,40 @@ def test_lora_with_head_only_leaves_only_the_head_in_the_optimizer(tiny_models, 
     assert trainable and all("classifier" in n for n in trainable)  # adapters in the frozen blocks: out
     in_optimizer = {id(p) for g in layered_param_groups(model, groups, 0.1) for p in g["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_a_block_pattern_names_the_same_blocks_and_block_modules_as_the_automatic_search(tiny_models):
+    model = _tiny_bert(tiny_models)
+    found = find_layer_groups(model)
+    named = find_layer_groups(model, block_pattern=r"encoder\.layer\.(\d+)\.")
+    assert named.blocks == found.blocks
+    assert named.block_modules == found.block_modules == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    assert (named.embeddings, named.head) == (found.embeddings, found.head)
+
+
+def test_backward_stops_below_the_lowest_trainable_block_named_by_a_block_pattern(tiny_models):
+    model = _tiny_bert(tiny_models)
+    groups = find_layer_groups(model, block_pattern=r"encoder\.layer\.(\d+)\.")
+    s = resolve_schedule(UnfreezeSection(kind="top_k", k=1), groups.num_blocks, steps_per_epoch=1)
+    stop = BackwardStop(model, groups, s)
+    stop.update(0)
+    batch = {"input_ids": torch.tensor([[101, 2023, 102]]), "labels": torch.tensor([1])}
+    model(**batch).loss.backward()
+    params = dict(model.named_parameters())
+    assert all(params[n].grad is None for n in groups.embeddings + groups.blocks[0])
+    assert all(params[n].grad is not None for n in groups.blocks[1] + groups.head)
+
+
+def test_a_block_pattern_whose_blocks_share_no_module_is_a_clear_error():
+    class Flat(torch.nn.Module):  # block i's weight in one module, its bias in another: no module per block
+        def __init__(self):
+            super().__init__()
+            self.weights = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(2)) for _ in range(2)])
+            self.biases = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(2)) for _ in range(2)])
+
+    with pytest.raises(Exception, match=r"unfreeze\.block_pattern .*block 0.*no module of its own"):
+        find_layer_groups(Flat(), block_pattern=r"\.(\d+)$")
+    stages = find_layer_groups(
+        torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), block_pattern=r"^(\d+)\."
+    )
+    assert stages.block_modules == ["0", "1"]

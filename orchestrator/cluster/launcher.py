@@ -13,22 +13,34 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.budget import best_metric_name
-from orchestrator.cluster.preflight import Preflight, check_cluster_fits, preflight
+from orchestrator.cluster.preflight import Preflight, check_cluster_fits, preflight, run_dir_of
 from orchestrator.cluster.results import TrainResult
+from orchestrator.cluster.run_lock import run_lock
 from orchestrator.config import JobConfig
-from orchestrator.tracking import read_metrics
+from orchestrator.errors import TrainingError
+from orchestrator.tracking import read_metrics, verbose_output
 
 logger = logging.getLogger(__name__)
 
 
-def ensure_ray(address: str | None) -> None:
+def ensure_ray(address: str | None, *, verbose: bool | None = None) -> None:
+    """Connect to Ray at ``address`` (default ``RAY_ADDRESS``), or start a local cluster; no-op if connected.
+
+    Unless ``verbose`` (default: ``ORCHESTRATOR_VERBOSE``, which ``-v`` sets), what Ray's workers and actors print
+    stays in the Ray session's log files (``<session>/logs``) instead of being copied here: the run's own
+    progress and warnings reach the terminal through ``metrics.jsonl`` (``orchestrator.tracking.Tracker``), and
+    Ray's driver-side INFO lines and its token-auth notice are left out too.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    verbose = verbose_output() if verbose is None else verbose
+    if not verbose:
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Workers and the local head get the same environment; W&B reads WANDB_API_KEY from it.
-    ray.init(address=address)
+    ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
 
 
 def build_trainer(
@@ -132,18 +144,24 @@ def run_training(
         progress: called with the run's metrics records while training runs (for progress bars).
         worker_callbacks: extra step-loop callbacks for every worker (see :func:`build_trainer`).
     """
-    checked = preflight(config, resume=resume, source=source)
-    ensure_ray(address)
-    use_gpu = check_cluster_fits(config)
-    trainer = build_trainer(checked, use_gpu=use_gpu, worker_callbacks=worker_callbacks)
-    result = _fit_with_progress(trainer, checked.run_dir, progress)
-    train_result = _train_result(checked, result)
-    # Model registry (issue #6): every job that exports a model registers it as a candidate.
-    if config.output.registry:
-        from orchestrator.lifecycle.run_registration import register_run
+    # One driver per run folder, from before preflight's checks until the model is registered (run_lock.py).
+    with run_lock(run_dir_of(config), config.name):
+        checked = preflight(config, resume=resume, source=source)
+        if config.output.registry:  # a model registered at this run's final/ gets a folder this run cannot touch
+            from orchestrator.lifecycle.run_registration import protect_registered_exports
 
-        record = register_run(config, train_result, checked)
-        train_result.model_id = record.id if record is not None else None
+            protect_registered_exports(config, checked.run_dir)
+        ensure_ray(address)
+        use_gpu = check_cluster_fits(config)
+        trainer = build_trainer(checked, use_gpu=use_gpu, worker_callbacks=worker_callbacks)
+        result = _fit_with_progress(trainer, checked.run_dir, progress)
+        train_result = _train_result(checked, result)
+        # Model registry (issue #6): every job that exports a model registers it as a candidate.
+        if config.output.registry:
+            from orchestrator.lifecycle.run_registration import register_run
+
+            record = register_run(config, train_result, checked)
+            train_result.model_id = record.id if record is not None else None
     return train_result
 
 
@@ -170,8 +188,23 @@ def _fit_with_progress(trainer: Any, run_dir: Path, progress: Any) -> Any:
     return outcome["result"]
 
 
+def training_error(result: Any) -> TrainingError | None:
+    """The error a run's workers stopped on without failing (a non-finite loss), if any: rank 0's return value
+    (``train_loop_per_worker``). Such a run ends normally so that Ray Train does not restart it into the same
+    error; its caller raises this instead (``run_training``; a sweep trial, recorded as failed)."""
+    value = getattr(result, "return_value", None)
+    return value if isinstance(value, TrainingError) else None
+
+
 def _train_result(checked: Preflight, result: Any) -> TrainResult:
-    """What the run left: final metrics (the last report, else the last eval record), exports, W&B run folder."""
+    """What the run left: final metrics (the last report, else the last eval record), exports, W&B run folder.
+
+    Raises:
+        TrainingError: when the workers stopped on an error of the run (a non-finite loss, naming the step).
+    """
+    error = training_error(result)
+    if error is not None:
+        raise error
     records = read_metrics(checked.run_dir)
     evals = [r for r in records if r.get("kind") == "eval"]
     final_metrics = dict(result.metrics or (evals[-1] if evals else {}))

@@ -4,14 +4,26 @@ together), then whether the cluster can ever hold the requested workers."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.config import JobConfig
 from orchestrator.data.sources import PreparedData, prepare_data
 from orchestrator.errors import ConfigError, ConfigIssue, DataError, ModelError, OrchestratorError
 from orchestrator.methods import get_method
-from orchestrator.models.loading import resolve_model_path
+from orchestrator.models.loading import read_model_config, resolve_model_path
+from orchestrator.tracking import (
+    SECRETS_FILE_ENV,
+    WANDB_CHECK_TIMEOUT_S,
+    load_job_secrets,
+    resolve_wandb_mode,
+    sync_hint,
+    wandb_base_url,
+    wandb_key_problem,
+    wandb_unreachable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +37,18 @@ class Preflight:
     storage_path: Path
 
 
+def run_dir_of(config: JobConfig) -> Path:
+    """The job's run folder: ``<output.dir>/<name>`` (where its lock, metrics and exports live)."""
+    return (Path(config.output.dir).expanduser() / config.name).resolve()
+
+
 def preflight(config: JobConfig, *, resume: bool = False, source: str | None = None) -> Preflight:
     """Check everything that can be checked before taking cluster resources; report all problems at once.
 
     Raises:
         ConfigError: listing every problem (missing model, bad data rows, unwritable output, ...).
     """
-    issues: list[ConfigIssue] = []
+    config, issues = check_secrets_and_wandb(config)  # first: the job's secrets file may hold HF_TOKEN too
     if config.model.trust_remote_code:
         logger.warning(
             "model.trust_remote_code is ON: Python code shipped with %s%s will run here and in every worker; "
@@ -48,6 +65,7 @@ def preflight(config: JobConfig, *, resume: bool = False, source: str | None = N
         method_preflight = getattr(get_method(config.method), "preflight", None)
         if method_preflight is not None:
             issues.extend(method_preflight(config, model_path))
+        issues.extend(check_max_length(config, model_path))
     data = None
     try:
         data = prepare_data(config.data, config.model.task)
@@ -57,7 +75,7 @@ def preflight(config: JobConfig, *, resume: bool = False, source: str | None = N
         issues.append(
             ConfigIssue(location="deepspeed.config_file", message=f"{config.deepspeed.config_file} not found")
         )
-    run_dir = (Path(config.output.dir).expanduser() / config.name).resolve()
+    run_dir = run_dir_of(config)
     storage = Path(config.output.storage_path).expanduser().resolve() if config.output.storage_path else run_dir / "ray"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +103,67 @@ def preflight(config: JobConfig, *, resume: bool = False, source: str | None = N
         raise ConfigError(issues, source=source)
     assert data is not None
     return Preflight(config=config, model_path=model_path, data=data, run_dir=run_dir, storage_path=storage)
+
+
+# Config keys that bound the positions a model embeds: BERT/RoBERTa/Llama/Mistral/Qwen, GPT-2, others.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# Learned position tables that number positions from padding_idx + 1 (RoBERTa's 514 rows hold 512 tokens).
+_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer",
+                            "mpnet", "ibert"}
+
+
+def position_limit(model_config: dict[str, Any]) -> tuple[int, str] | None:
+    """The most tokens a model can embed and the config key that says so; None for a model without a limit (no
+    such key, or rotary positions with dynamic scaling, which extend past the trained length by design)."""
+    model_config = model_config.get("text_config") or model_config  # multimodal configs nest the language model
+    for rope_key in ("rope_parameters", "rope_scaling"):  # transformers 5, 4
+        rope = model_config.get(rope_key)
+        if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) == "dynamic":
+            return None
+    for key in _POSITION_KEYS:
+        value = model_config.get(key)
+        if isinstance(value, int) and value > 0:
+            if model_config.get("model_type") in _POSITIONS_AFTER_PADDING:
+                pad = model_config.get("pad_token_id")
+                offset = (1 if pad is None else int(pad)) + 1
+                return value - offset, f"{key} {value} less the {offset} rows before the first position"
+            return value, key
+    return None
+
+
+def check_max_length(config: JobConfig, model_path: str) -> list[ConfigIssue]:
+    """``data.max_length`` within the positions of every model that reads the rows: the model, and a teacher.
+
+    A longer limit passes everything else and trains, until a row that long arrives: then the position embedding
+    lookup fails in the middle of the run. A model whose config is not at hand (a hub id not downloaded yet) is
+    checked when it loads.
+    """
+    models = [("model.path", model_path)]
+    distill = config.distill if config.method == "distill" else None
+    if distill is not None:
+        try:
+            teacher = resolve_model_path(distill.teacher)
+        except ModelError:
+            teacher = ""  # reported by the method's own preflight
+        if distill.student_init == "teacher_layers":
+            models = []  # the student is cut from the teacher: model.path only supplies the tokenizer
+        if teacher:
+            models.append(("distill.teacher", teacher))
+    wanted = config.data.max_length
+    issues = []
+    for field, path in models:
+        limit = position_limit(read_model_config(path))
+        if limit is not None and wanted > limit[0]:
+            issues.append(
+                ConfigIssue(
+                    location="data.max_length",
+                    message=f"{wanted} tokens per row, but the model of {field} ({path}) has positions for "
+                    f"{limit[0]} ({limit[1]} in its config.json): a row longer than {limit[0]} tokens would fail "
+                    "in the middle of training",
+                    hint=f"set data.max_length to {limit[0]} or less",
+                )
+            )
+    return issues
 
 
 def check_cluster_fits(config: JobConfig) -> bool:
@@ -123,3 +202,46 @@ def check_cluster_fits(config: JobConfig) -> bool:
         raise OrchestratorError("the job can never be scheduled on this cluster:\n  - " + "\n  - ".join(problems))
     return use_gpu
 
+
+def check_secrets_and_wandb(config: JobConfig) -> tuple[JobConfig, list[ConfigIssue]]:
+    """The job's secrets file, then W&B, before resources are taken.
+
+    The secrets file the job names (``ORCHESTRATOR_SECRETS_FILE``) is loaded here as in every worker, so this
+    driver sees what they will. When W&B would log online: a malformed ``WANDB_API_KEY`` is an error (it can
+    never work, and a run that quietly logs offline instead is found out only when its W&B page is missing),
+    and a W&B server that does not answer within a few seconds (an air-gapped cluster, an outage) turns the run
+    offline with a warning naming ``wandb sync``: a tracker is never a reason not to train.
+
+    Returns:
+        The config to run (``tracking.wandb.mode: offline`` after that fallback) and the problems found.
+    """
+    try:
+        load_job_secrets(strict=True)
+    except OrchestratorError as exc:
+        return config, [ConfigIssue(location=f"{SECRETS_FILE_ENV} (environment)", message=str(exc))]
+    wandb_cfg = config.tracking.wandb
+    if resolve_wandb_mode(wandb_cfg.mode) != "online":
+        return config, []
+    key = os.environ.get("WANDB_API_KEY")
+    problem = wandb_key_problem(key) if key is not None else None
+    if problem:
+        return config, [
+            ConfigIssue(
+                location="WANDB_API_KEY (environment)",
+                message=f"{problem.rstrip('.')}; tracking.wandb.mode {wandb_cfg.mode!r} logs to W&B online with it",
+                hint="set the key shown at https://wandb.ai/authorize (40+ characters, no quotes or spaces), or "
+                "unset WANDB_API_KEY or set tracking.wandb.mode: offline to log locally",
+            )
+        ]
+    base_url = wandb_base_url()
+    why = wandb_unreachable(base_url, WANDB_CHECK_TIMEOUT_S)
+    if why is None:
+        return config, []
+    wandb_dir = run_dir_of(config) / "wandb"
+    logger.warning(
+        "W&B at %s did not answer within %g s (%s): this run logs to W&B offline, in %s; %s",
+        base_url, WANDB_CHECK_TIMEOUT_S, why, wandb_dir, sync_hint(wandb_dir),
+    )
+    config = config.model_copy(deep=True)
+    config.tracking.wandb.mode = "offline"
+    return config, []

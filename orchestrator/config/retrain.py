@@ -137,6 +137,20 @@ class ScheduleSection(_Section):
     )
     pip: list[str] = Field(default_factory=list, description="Extra pip requirements of round jobs.")
     entrypoint_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved for a round's job driver.")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Failed rounds a shard gets (the job died or raised; a candidate the gate rejects is not a "
+        "failure) before its content hash is quarantined: never trained on again, copies included, until "
+        "`orchestrator registry release HASH` (`orchestrator registry list` shows it with the last error).",
+    )
+    retry_backoff_s: float = Field(
+        600.0,
+        ge=0,
+        description="Wait after a shard's first failed round before retrying it (alone, so a failure is blamed on "
+        "the right shard); doubled after each further failure.",
+    )
+    retry_backoff_max_s: float = Field(21600.0, gt=0, description="The longest wait between a shard's attempts.")
 
     @field_validator("cron")
     @classmethod

@@ -7,10 +7,11 @@ sections, in :mod:`orchestrator.config.job`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -376,6 +377,24 @@ class TrackingSection(_Section):
     wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases.")
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str) -> int:
+    """Bytes in a size such as ``5GB``, ``500MB`` or ``1GiB`` (decimal and binary units, as Hugging Face reads
+    ``max_shard_size``).
+
+    Raises:
+        ValueError: naming the accepted forms.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a size; write a number and a unit, e.g. 5GB, 500MB or 1GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 class OutputSection(_Section):
     dir: str = Field("runs", description="Output root; the job writes to <dir>/<name>/.")
     storage_path: str | None = Field(
@@ -391,9 +410,24 @@ class OutputSection(_Section):
     )
     save_best: bool = Field(True, description="Export the best-eval model as an HF folder (<run>/best).")
     save_final: bool = Field(True, description="Export the final model as an HF folder (<run>/final).")
+    max_shard_size: str = Field(
+        "5GB",
+        description="Largest safetensors file of an export (as Hugging Face writes them: model-0000k-of-0000N with "
+        "an index); rank 0 holds at most one shard while exporting. A size such as 5GB, 500MB or 1GiB.",
+    )
     registry: str | None = Field(
         "auto",
         description="Model registry (SQLite file) where the exported model is registered as a candidate: 'auto' = "
         "<dir>/registry.sqlite, a path, or null to not register.",
     )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
 

@@ -16,12 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.data.sources import ScannedSource, parse_line, row_value
+from orchestrator.data.sources import ScannedSource, parse_line, reading_file, row_value
 from orchestrator.errors import DataError
+
+# Every worker reads the files the driver scanned, at the paths the driver saw them.
+_EVERY_NODE = "each worker reads the file at this path, so it must be at the same path on every node (shared storage)"
 
 
 class RowReader:
-    """Random access to the valid rows of a scanned file (keeps one open handle)."""
+    """Random access to the valid rows of a scanned file (keeps one open handle).
+
+    A row that no longer reads as it did in the scan (the file was cut, rewritten or is missing on this node)
+    is a :class:`DataError` naming the file and the row, never a bare IndexError or UnicodeDecodeError.
+    """
 
     def __init__(self, scanned: ScannedSource):
         self.scanned = scanned
@@ -35,21 +42,42 @@ class RowReader:
                 import pyarrow.parquet as pq
 
                 wanted = [c for c in (s.text_index, s.pair_index) if isinstance(c, str)]
-                self._table = pq.read_table(s.path, columns=wanted).to_pydict()
+                with reading_file(s.path, hint=_EVERY_NODE):
+                    self._table = pq.read_table(s.path, columns=wanted).to_pydict()
             return {k: v[int(s.offsets[i])] for k, v in self._table.items()}
-        if self._handle is None:
-            self._handle = open(s.path, "rb")  # noqa: SIM115 - kept open for the reader's life
-        self._handle.seek(int(s.offsets[i]))
-        return parse_line(self._handle.readline(), s.format)
+        with reading_file(s.path, hint=_EVERY_NODE):
+            if self._handle is None:
+                self._handle = open(s.path, "rb")  # noqa: SIM115 - kept open for the reader's life
+            self._handle.seek(int(s.offsets[i]))
+            raw = self._handle.readline()
+        if not raw.strip():
+            raise self._changed(i, "is past the end of the file or blank")
+        try:
+            return parse_line(raw, s.format)
+        except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError
+            raise self._changed(i, f"does not parse ({exc})") from None
+
+    def _changed(self, i: int, why: str) -> DataError:
+        s = self.scanned
+        return DataError(
+            f"{s.path}: the row at byte {int(s.offsets[i])} (row {i + 1} of the scan) {why}: the file changed after "
+            f"the job scanned it (sha256 then {s.sha256[:12]}...); keep data files unchanged while a job runs, and "
+            "start the job again to scan the file as it is now"
+        )
 
     def __len__(self) -> int:
         return len(self.scanned)
 
     def get(self, i: int) -> tuple[str, str | None, int]:
         row = self._row(i)
-        text = str(row_value(row, self.scanned.text_index))
-        pair = row_value(row, self.scanned.pair_index)
-        return text, (None if pair is None else str(pair)), int(self.scanned.labels[i])
+        try:
+            text = row_value(row, self.scanned.text_index)
+            pair = row_value(row, self.scanned.pair_index)
+        except (IndexError, KeyError, TypeError):  # fewer columns, or not an object, than when it was scanned
+            raise self._changed(i, "lacks the text column") from None
+        if text is None:
+            raise self._changed(i, "lacks the text column")
+        return str(text), (None if pair is None else str(pair)), int(self.scanned.labels[i])
 
     def close(self) -> None:
         if self._handle is not None:

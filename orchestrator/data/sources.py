@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,47 @@ def detect_format(source: DataSource) -> str:
             "tsv, csv, jsonl, parquet"
         )
     return SUFFIX_FORMATS[suffix]
+
+
+def read_failure(path: str | Path, exc: Exception, *, where: str = "", hint: str = "") -> DataError | None:
+    """The DataError, naming the file, for a failure to read it; None when ``exc`` is not one (a bug to surface).
+
+    Args:
+        path: the file as the user wrote it (or as the scan resolved it).
+        exc: what the read raised: an OS error, or a pyarrow error (a parquet file that does not decode).
+        where: where in the file, e.g. ``": row group 2 of 3 (rows 1001-2000)"``.
+        hint: more of what to do (the workers' side says that every node reads the file).
+    """
+    hint = f"; {hint}" if hint else ""
+    if isinstance(exc, PermissionError):
+        return DataError(
+            f"{path}{where}: cannot read the file (permission denied); make it readable by the user the job runs "
+            f"as{hint}"
+        )
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return DataError(f"{path}{where}: cannot read the file ({exc.strerror or exc}){hint}")
+    if isinstance(exc, OSError) or type(exc).__module__.startswith("pyarrow"):
+        # pyarrow raises ArrowInvalid (a ValueError) for a bad footer, and a plain OSError (no errno) for pages
+        # that do not decompress: both mean the bytes are not a readable parquet file.
+        return DataError(
+            f"{path}{where}: cannot read it as parquet ({exc}): the file is corrupt, truncated or not a parquet "
+            f"file; write it again, or set format: if it is another format{hint}"
+        )
+    return None
+
+
+@contextmanager
+def reading_file(path: str | Path, *, where: str = "", hint: str = "") -> Iterator[None]:
+    """Re-raise a failure to read ``path`` as a :class:`DataError` naming it (see :func:`read_failure`)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:
+        error = read_failure(path, exc, where=where, hint=hint)
+        if error is None:
+            raise
+        raise error from exc
 
 
 @dataclass
@@ -98,11 +140,7 @@ class _Rows:
 
     def __iter__(self) -> Iterator[tuple[int, int, Any]]:
         if self.fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(self.path)
-            for i, row in enumerate(table.to_pylist()):
-                yield i + 1, i, row
+            yield from _parquet_rows(self.path)
             return
         with open(self.path, "rb") as handle:
             offset = 0
@@ -112,6 +150,26 @@ class _Rows:
                 if line_no == 1 and self.header and self.fmt in ("tsv", "csv"):
                     continue
                 yield line_no, start, raw
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, int, Any]]:
+    """A parquet file's rows as ``(row number, row index, dict)``, one row group in memory at a time (so a
+    ``limit`` reads only the groups it needs, and a group that does not decode is named with its rows)."""
+    import pyarrow.parquet as pq
+
+    with reading_file(path):
+        parquet = pq.ParquetFile(path)
+    try:
+        groups, first = parquet.num_row_groups, 0
+        for group in range(groups):
+            count = parquet.metadata.row_group(group).num_rows
+            with reading_file(path, where=f": row group {group + 1} of {groups} (rows {first + 1}-{first + count})"):
+                rows = parquet.read_row_group(group).to_pylist()
+            for i, row in enumerate(rows, start=first):
+                yield i + 1, i, row
+            first += count
+    finally:
+        parquet.close()
 
 
 def parse_line(raw: bytes, fmt: str) -> Any:
@@ -161,15 +219,24 @@ def _read_columns(path: Path, fmt: str, header: bool) -> list[str]:
         first = handle.readline()
     if not first.strip():
         return []
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:1: the line is not UTF-8 text ({exc}); save the file as UTF-8") from None
     if fmt == "jsonl":
         try:
-            obj = json.loads(first)
+            obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:1: not a JSON object ({exc.msg}); jsonl files hold one object per line") from exc
         if not isinstance(obj, dict):
             raise DataError(f"{path}:1: expected a JSON object per line, got {type(obj).__name__}")
         return list(obj)
-    return [c.strip() for c in parse_line(first, fmt)] if header else []
+    if not header:
+        return []
+    try:
+        return [c.strip() for c in parse_line(first, fmt)]
+    except csv.Error as exc:
+        raise DataError(f"{path}:1: cannot parse the header line ({exc})") from None
 
 
 def scan_source(
@@ -194,25 +261,26 @@ def scan_source(
         DataError: naming file and line.
     """
     path, fmt, header = _resolve_file(source)
-    columns = _find_columns(source, path, fmt, header, task)
-    sha256 = _file_sha256(path)
-    bad = _BadRows(source.path, on_bad_rows)
-    offsets: list[int] = []
-    labels: list[int] = []
-    rows_read = 0
-    for line_no, offset, raw in _read_rows(path, fmt, header):
-        rows_read += 1
-        try:
-            label_id = _check_row(raw, fmt, columns, source, label_to_id, collect_labels)
-        except _BadRow as exc:
-            problem = str(exc)
-        else:
-            offsets.append(offset)
-            labels.append(label_id)
-            if source.limit is not None and len(offsets) >= source.limit:
-                break
-            continue
-        bad.add(line_no, problem)  # outside the except: the DataError it may raise does not chain the _BadRow
+    with reading_file(source.path):  # an unreadable or corrupt file: a DataError naming it, not a bare OSError
+        columns = _find_columns(source, path, fmt, header, task)
+        sha256 = _file_sha256(path)
+        bad = _BadRows(source.path, on_bad_rows)
+        offsets: list[int] = []
+        labels: list[int] = []
+        rows_read = 0
+        for line_no, offset, raw in _read_rows(path, fmt, header):
+            rows_read += 1
+            try:
+                label_id = _check_row(raw, fmt, columns, source, label_to_id, collect_labels)
+            except _BadRow as exc:
+                problem = str(exc)
+            else:
+                offsets.append(offset)
+                labels.append(label_id)
+                if source.limit is not None and len(offsets) >= source.limit:
+                    break
+                continue
+            bad.add(line_no, problem)  # outside the except: the DataError it may raise does not chain the _BadRow
     return _build_index(source, path, fmt, columns, offsets, labels, sha256=sha256, rows_read=rows_read, bad=bad)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +53,27 @@ def unknown_model(conn: sqlite3.Connection, model_id: str, path: Path) -> Regist
     return RegistryError(f"no model {model_id!r} in {path}{hint}")
 
 
-def insert_model(conn: sqlite3.Connection, name: str, fields: dict[str, Any], *, status: str, at: str) -> ModelRecord:
+def insert_model(
+    conn: sqlite3.Connection,
+    name: str,
+    fields: dict[str, Any],
+    *,
+    status: str,
+    at: str,
+    place: Callable[[str], str] | None = None,
+) -> ModelRecord:
     """Add a model as the next version of ``name`` (inside the caller's write transaction) and read it back.
 
     Args:
         conn: a connection in a write transaction.
         name: the model name.
         fields: the other columns: method, artifact, config, data, metrics (as dicts), parent_id, parent_ref,
-            teacher_id, teacher_ref, base_model, licence, checkpoint, code_version and round.
+            teacher_id, teacher_ref, base_model, licence, checkpoint, code_version, round, weights_sha256 and
+            files (a dict, or None).
         status: a valid status; 'champion' archives the current champion.
         at: the registration time.
+        place: called with the new id inside the transaction; returns the artifact to record instead of
+            ``fields["artifact"]`` (registration renames the staged version folder to its id this way).
 
     Raises:
         RegistryError: the parent or teacher id is not a registered model.
@@ -72,6 +83,8 @@ def insert_model(conn: sqlite3.Connection, name: str, fields: dict[str, Any], *,
     version = latest + 1
     model_id = f"{name}-v{version}"
     previous = demote_champion(conn, name) if status == "champion" else None
+    if place is not None:
+        fields = {**fields, "artifact": place(model_id)}
     row = {
         **fields,
         "id": model_id,
@@ -80,6 +93,8 @@ def insert_model(conn: sqlite3.Connection, name: str, fields: dict[str, Any], *,
         "config_json": json.dumps(fields["config"], default=str),
         "data_json": json.dumps(fields["data"], default=str),
         "metrics_json": json.dumps(fields["metrics"], default=str),
+        "files_json": json.dumps(fields["files"]) if fields.get("files") is not None else None,
+        "weights_sha256": fields.get("weights_sha256"),
         "created_at": at,
         "status": status,
         "decision": None,
@@ -104,3 +119,23 @@ def _check_registered(conn: sqlite3.Connection, refs: Sequence[str | None]) -> N
     for ref in refs:
         if ref is not None and conn.execute("SELECT 1 FROM models WHERE id = ?", (ref,)).fetchone() is None:
             raise RegistryError(f"parent/teacher {ref!r} is not a registered model")
+
+
+def adopt_artifact_row(
+    conn: sqlite3.Connection, model_id: str, files: dict[str, str], weights_sha256: str, place: Callable[[str], str]
+) -> ModelRecord | None:
+    """Give a model registered without hashes its version folder (inside the caller's write transaction).
+
+    Returns:
+        The updated record; None when it has hashes already (another process adopted it first).
+    """
+    row = conn.execute("SELECT name, artifact, files_json FROM models WHERE id = ?", (model_id,)).fetchone()
+    if row is None or row["files_json"] is not None:
+        return None
+    artifact = place(model_id)
+    conn.execute(
+        "UPDATE models SET artifact = ?, files_json = ?, weights_sha256 = ? WHERE id = ?",
+        (artifact, json.dumps(files), weights_sha256, model_id),
+    )
+    record_event(conn, row["name"], "adopt", model_id, None, f"{row['artifact']} kept as {artifact} (before a rerun)")
+    return select_model(conn, model_id)

@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from typing import Any
 
 from orchestrator.config.retrain import LoadedRetrain
 from orchestrator.errors import DataError
+from orchestrator.lifecycle.artifact_store import sha256_file
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord, RoundRecord
 
@@ -29,14 +28,6 @@ class DataFile:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "sha256": self.sha256, "size": self.size}
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class HashCache:
@@ -113,9 +104,11 @@ def find_new_data(
     own_round: int | None = None,
 ) -> list[DataFile]:
     """New files in the watched folder for this model name (files of running rounds other than
-    ``own_round`` are not new: that round is training on them)."""
+    ``own_round`` are not new: that round is training on them; nor are quarantined shards, whose rounds kept
+    failing: see :mod:`orchestrator.lifecycle.shard_retries`)."""
     watch = loaded.config.watch
     files = scan_watch(watch.dir, watch.glob, settle_s=watch.settle_s, now=now, hasher=hasher or sha256_file)
     others = [r for r in registry.rounds(loaded.name, active_only=True) if r.id != own_round]
     seen = trained_hashes(registry.models(loaded.name), others)
+    seen.update(q.sha256 for q in registry.quarantined(loaded.name))
     return detect_new_data(files, seen)

@@ -9,6 +9,9 @@
 * :mod:`orchestrator.lifecycle.round_claims`: continual-retraining rounds (claimed, running, finished), so that
   no two rounds of one model run at once and a restarted scheduler carries on where it stopped;
 * :mod:`orchestrator.lifecycle.registry_records`: the records these return, and :class:`RegistryError`.
+* :mod:`orchestrator.lifecycle.artifact_store`: registered models' immutable version folders and the hashes of
+  their files, checked before a model is promoted or rolled back to;
+* :mod:`orchestrator.lifecycle.shard_retries`: continual shards whose rounds keep failing (attempts, quarantine).
 
 Registering a finished job is :func:`orchestrator.lifecycle.run_registration.register_run`.
 
@@ -22,15 +25,24 @@ shared by several machines pass ``journal_mode="delete"`` (env ``ORCHESTRATOR_RE
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.lifecycle.model_queries import insert_model, select_model, select_models, unknown_model
+from orchestrator.lifecycle.artifact_store import verify_files
+from orchestrator.lifecycle.model_queries import (
+    adopt_artifact_row,
+    insert_model,
+    select_model,
+    select_models,
+    unknown_model,
+)
 from orchestrator.lifecycle.registry_lineage import LineageNode, lineage_tree
 from orchestrator.lifecycle.registry_promotion import (
     promote_model,
     record_decision,
     roll_back,
+    rollback_plan,
     select_events,
 )
 from orchestrator.lifecycle.registry_records import (
@@ -49,6 +61,14 @@ from orchestrator.lifecycle.round_claims import (
     select_round,
     select_rounds,
     update_round_row,
+)
+from orchestrator.lifecycle.shard_retries import (
+    QuarantinedShard,
+    ShardAttempts,
+    release_shard,
+    select_attempts,
+    select_quarantine,
+    settle_failed_rounds,
 )
 
 
@@ -92,8 +112,16 @@ class Registry:
         status: str = "candidate",
         round: int | None = None,
         created_at: str | None = None,
+        weights_sha256: str | None = None,
+        files: dict[str, str] | None = None,
+        place: Callable[[str], str] | None = None,
     ) -> ModelRecord:
-        """Add a model as ``<name>-v<N>`` (N = the next version of that name, assigned in the transaction)."""
+        """Add a model as ``<name>-v<N>`` (N = the next version of that name, assigned in the transaction).
+
+        ``files`` (sha256 by relative path) and ``weights_sha256`` (their combined hash) are what promotion and
+        rollback check the artifact folder against; ``place`` is called with the new id inside the transaction
+        and returns the artifact to record (see :func:`orchestrator.lifecycle.run_registration.register_run`).
+        """
         if status not in STATUSES:
             raise RegistryError(f"status must be one of {', '.join(STATUSES)}; got {status!r}")
         at = created_at or now_iso()
@@ -112,9 +140,11 @@ class Registry:
             "checkpoint": checkpoint,
             "code_version": code_version,
             "round": round,
+            "weights_sha256": weights_sha256,
+            "files": files,
         }
         with self._db.transaction() as conn:
-            return insert_model(conn, name, fields, status=status, at=at)
+            return insert_model(conn, name, fields, status=status, at=at, place=place)
 
     def get(self, model_id: str) -> ModelRecord:
         with self._db.reading() as conn:
@@ -152,6 +182,35 @@ class Registry:
             found = select_models(conn, ["artifact = ?"], [key], order="version DESC", limit=1)
         return found[0] if found else None
 
+    def find_by_weights(self, weights_sha256: str) -> ModelRecord | None:
+        """The newest model whose artifact's files have this combined hash, if registered."""
+        with self._db.reading() as conn:
+            found = select_models(conn, ["weights_sha256 = ?"], [weights_sha256], order="created_at DESC", limit=1)
+        return found[0] if found else None
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where registered models' version folders live: ``<registry stem>-artifacts/`` beside the file."""
+        return self.path.with_name(f"{self.path.stem}-artifacts")
+
+    def verify(self, model_id: str) -> ModelRecord:
+        """The model, after checking that its artifact folder holds the files registered.
+
+        Raises:
+            ArtifactChangedError: files changed, are missing or were added (each one named).
+        """
+        record = self.get(model_id)
+        verify_files(record.id, record.artifact, record.files)
+        return record
+
+    def adopt_artifact(
+        self, model_id: str, *, files: dict[str, str], weights_sha256: str, place: Callable[[str], str]
+    ) -> ModelRecord | None:
+        """Record a version folder and hashes for a model registered before they existed (see
+        :func:`orchestrator.lifecycle.run_registration.protect_registered_exports`); None if it has them."""
+        with self._db.transaction() as conn:
+            return adopt_artifact_row(conn, model_id, files, weights_sha256, place)
+
     def champion(self, name: str) -> ModelRecord | None:
         found = self.models(name, "champion")
         return found[0] if found else None
@@ -175,6 +234,7 @@ class Registry:
 
     def promote(self, model_id: str, reason: str = "promoted by hand") -> ModelRecord:
         """Make a model the champion of its name; the current champion becomes archived."""
+        self.verify(model_id)  # before the write lock: hashing a large model takes seconds
         with self._db.transaction() as conn:
             promote_model(conn, model_id, reason, self.path)
         return self.get(model_id)
@@ -183,6 +243,8 @@ class Registry:
         """Record a promotion gate's decision: 'promote' makes the candidate champion, 'reject' marks it rejected."""
         if decision not in ("promote", "reject"):
             raise RegistryError(f"decision must be 'promote' or 'reject'; got {decision!r}")
+        if decision == "promote":
+            self.verify(model_id)
         with self._db.transaction() as conn:
             record_decision(conn, model_id, decision, reason, self.path)
         return self.get(model_id)
@@ -196,8 +258,11 @@ class Registry:
         Returns:
             (restored champion, demoted model).
         """
+        with self._db.reading() as conn:
+            planned, _ = rollback_plan(conn, name)
+        self.verify(planned)  # the model restored must still be the one registered
         with self._db.transaction() as conn:
-            previous, current = roll_back(conn, name, reason)
+            previous, current = roll_back(conn, name, reason, expect=planned)
         return self.get(previous), self.get(current)
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -265,6 +330,34 @@ class Registry:
     def rounds(self, name: str, *, active_only: bool = False) -> list[RoundRecord]:
         with self._db.reading() as conn:
             return select_rounds(conn, name, active_only=active_only)
+
+    # -- shards whose rounds keep failing ---------------------------------------------------------------
+
+    def settle_failed_rounds(
+        self, name: str, *, at: float, max_attempts: int
+    ) -> tuple[dict[str, ShardAttempts], list[QuarantinedShard]]:
+        """Count the failed rounds of ``name`` not yet counted (one attempt per shard, stamped ``at``: the
+        scheduler's clock) and quarantine the shards with ``max_attempts`` failed attempts.
+
+        Returns:
+            (the failed attempts of each shard by content hash, the shards quarantined now).
+        """
+        with self._db.transaction() as conn:
+            return settle_failed_rounds(conn, name, at=at, max_attempts=max_attempts)
+
+    def shard_attempts(self, name: str) -> dict[str, ShardAttempts]:
+        with self._db.reading() as conn:
+            return select_attempts(conn, name)
+
+    def quarantined(self, name: str | None = None) -> list[QuarantinedShard]:
+        """Quarantined shards (of one name, or all), oldest first."""
+        with self._db.reading() as conn:
+            return select_quarantine(conn, name)
+
+    def release(self, sha256: str, name: str | None = None) -> list[QuarantinedShard]:
+        """Lift the quarantine of a shard (its full hash or a unique prefix); its attempts count from zero."""
+        with self._db.transaction() as conn:
+            return release_shard(conn, sha256, name)
 
     def integrity_check(self) -> str:
         with self._db.reading() as conn:

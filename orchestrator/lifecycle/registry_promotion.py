@@ -83,8 +83,8 @@ def record_decision(conn: sqlite3.Connection, model_id: str, decision: str, reas
     record_event(conn, name, decision, model_id, previous, reason)
 
 
-def roll_back(conn: sqlite3.Connection, name: str | None, reason: str) -> tuple[str, str]:
-    """Restore the champion the current champion of ``name`` replaced; returns (restored id, demoted id).
+def rollback_plan(conn: sqlite3.Connection, name: str | None) -> tuple[str, str]:
+    """What a rollback of ``name`` would do: (the id it restores, the id it demotes).
 
     Raises:
         RegistryError: no name given and not exactly one name has a champion; no champion; or the champion
@@ -92,11 +92,31 @@ def roll_back(conn: sqlite3.Connection, name: str | None, reason: str) -> tuple[
     """
     name = name if name is not None else _only_champion_name(conn)
     current = _champion_of(conn, name)
-    previous = _champion_before(conn, name, current)
+    return _champion_before(conn, name, current), current
+
+
+def roll_back(conn: sqlite3.Connection, name: str | None, reason: str, *, expect: str | None = None) -> tuple[str, str]:
+    """Restore the champion the current champion of ``name`` replaced; returns (restored id, demoted id).
+
+    Args:
+        expect: the id the caller checked (see :func:`rollback_plan`); the rollback is refused if the champion
+            changed since and another model would be restored.
+
+    Raises:
+        RegistryError: as :func:`rollback_plan`, or the champion changed since the caller's check.
+    """
+    previous, current = rollback_plan(conn, name)
+    if expect is not None and previous != expect:
+        raise RegistryError(f"the champion changed while the rollback checked {expect}; run the rollback again")
+    name = _name_of(conn, current)
     conn.execute("UPDATE models SET status = 'archived' WHERE id = ?", (current,))
     conn.execute("UPDATE models SET status = 'champion' WHERE id = ?", (previous,))
     record_event(conn, name, "rollback", previous, current, reason)
     return previous, current
+
+
+def _name_of(conn: sqlite3.Connection, model_id: str) -> str:
+    return conn.execute("SELECT name FROM models WHERE id = ?", (model_id,)).fetchone()[0]
 
 
 def _only_champion_name(conn: sqlite3.Connection) -> str:

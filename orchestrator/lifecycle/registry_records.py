@@ -24,7 +24,7 @@ ACTIVE_ROUND_STATUSES = ("claimed", "running")
 MODEL_COLUMNS = (
     "id, name, version, parent_id, parent_ref, teacher_id, teacher_ref, method, base_model, licence, config_json, "
     "data_json, metrics_json, artifact, checkpoint, code_version, created_at, status, decision, decision_reason, "
-    "round, wandb_artifact"
+    "round, wandb_artifact, weights_sha256, files_json"
 )
 
 
@@ -62,6 +62,8 @@ class ModelRecord:
     decision_reason: str | None = None
     round: int | None = None
     wandb_artifact: str | None = None
+    weights_sha256: str | None = None  # one sha256 over the files' hashes (None: registered before hashes were)
+    files: dict[str, str] | None = None  # sha256 of every file of the artifact folder, by relative path
 
     @property
     def parent(self) -> str | None:
@@ -108,6 +110,7 @@ def model_from_row(row: sqlite3.Row) -> ModelRecord:
         config=json.loads(values.pop("config_json")),
         data=json.loads(values.pop("data_json")),
         metrics=json.loads(values.pop("metrics_json")),
+        files=json.loads(files) if (files := values.pop("files_json", None)) else None,
         **values,
     )
 

@@ -6,6 +6,12 @@ write lock is taken up front, so two writers never interleave read-then-write; a
 shared by several machines use ``journal_mode="delete"``.
 
 The schema is created with ``CREATE ... IF NOT EXISTS`` on every open, and its version recorded in ``meta``.
+A file written by an older version is upgraded in the same transaction (:data:`MIGRATIONS`: columns added,
+existing rows keep NULL there), so every registry file opens with the current code.
+
+Version 2 added the hashes of a registered model's files (``weights_sha256``, ``files_json``; see
+:mod:`orchestrator.lifecycle.artifact_store`) and the tables of failed continual shards (``shard_attempts``,
+``quarantine``; see :mod:`orchestrator.lifecycle.shard_retries`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -43,6 +49,8 @@ CREATE TABLE IF NOT EXISTS models (
     decision_reason TEXT,
     round INTEGER,
     wandb_artifact TEXT,
+    weights_sha256 TEXT,
+    files_json TEXT,
     UNIQUE (name, version)
 );
 CREATE INDEX IF NOT EXISTS models_by_name ON models (name, status);
@@ -75,7 +83,32 @@ CREATE TABLE IF NOT EXISTS rounds (
     updated_at TEXT NOT NULL,
     UNIQUE (name, round)
 );
+CREATE TABLE IF NOT EXISTS shard_attempts (
+    name TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    round_id INTEGER NOT NULL,
+    path TEXT,
+    failed_at REAL NOT NULL,
+    reason TEXT,
+    released INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, sha256, round_id)
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    name TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    path TEXT,
+    attempts INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_at TEXT NOT NULL,
+    PRIMARY KEY (name, sha256)
+);
 """
+
+# Columns added to existing tables since version 1, by table: (column, SQL type). Tables added since are in
+# _SCHEMA (CREATE TABLE IF NOT EXISTS creates them in an older file).
+MIGRATIONS: dict[str, list[tuple[str, str]]] = {
+    "models": [("weights_sha256", "TEXT"), ("files_json", "TEXT")],
+}
 
 
 class RegistryDatabase:
@@ -132,7 +165,12 @@ class RegistryDatabase:
         with self.transaction() as conn:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            _add_missing_columns(conn)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None or int(row[0]) < SCHEMA_VERSION:  # never lowered: a newer file stays newer
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
 
     def _set_journal_mode(self) -> None:
         """Setting WAL needs a moment of exclusive access; retry while another process initialises."""
@@ -149,3 +187,13 @@ class RegistryDatabase:
                     time.sleep(0.05)
         finally:
             conn.close()
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Upgrade a file of an older schema: add the columns of :data:`MIGRATIONS` it lacks (inside the caller's
+    write transaction, so two processes opening one old file upgrade it once)."""
+    for table, columns in MIGRATIONS.items():
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column, sql_type in columns:
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")

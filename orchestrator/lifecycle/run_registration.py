@@ -22,6 +22,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator.errors import ModelError
+from orchestrator.lifecycle.artifact_store import (
+    combined_digest,
+    discard_staged,
+    folder_digests,
+    place_staged,
+    stage_export,
+)
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord, artifact_key
 from orchestrator.version import __version__
@@ -34,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REGISTRY_FILE = "registry.sqlite"
+EXPORTED_JOB_FILE = "orchestrator_job.yaml"  # what orchestrator.train.export writes into every exported folder
 
 
 def registry_path(config: JobConfig) -> Path | None:
@@ -174,6 +182,11 @@ def register_run(
 ) -> ModelRecord | None:
     """Register the model a finished job exported (its ``final`` folder, else ``best``) as a candidate.
 
+    The export's files are hard-linked (else copied) into a version folder of the registry,
+    ``<registry stem>-artifacts/<model id>/``, made read-only and hashed; the registry records that folder and
+    the hashes (see :mod:`orchestrator.lifecycle.artifact_store`), so a later run of the same name, which
+    replaces ``final/``, never changes a registered model.
+
     The parent is the registered model whose artifact is ``model.path`` (the teacher for ``method:
     distill``), else the path itself; base model and licence are inherited from a registered parent, else
     read from the folder. When W&B is online the model is also logged as a W&B artifact with the same lineage.
@@ -201,24 +214,68 @@ def register_run(
     recorded = metrics_by_eval_set(result.metrics)
     if metrics:
         recorded.update(metrics)
-    record = registry.register(
-        name or config.name,
-        method=config.method,
-        artifact=artifact_key(str(artifact_dir)),
-        config=config.to_dict(),
-        data=data if data is not None else result.data,
-        metrics=recorded,
-        **lineage,
-        checkpoint=result.checkpoint_path,
-        code_version=code_version(),
-        status=status,
-        round=round,
-    )
-    logger.info("registered %s (%s) in %s", record.id, record.status, registry.path)
+    # The export becomes a version folder of its own, hashed (artifact_store.py): a later run of the name
+    # rewrites final/ but never the files the registry points at.
+    staged = stage_export(Path(artifact_dir), registry.artifacts_dir)
+    try:
+        record = registry.register(
+            name or config.name,
+            method=config.method,
+            artifact=artifact_key(str(staged.folder)),
+            config=config.to_dict(),
+            data=data if data is not None else result.data,
+            metrics=recorded,
+            **lineage,
+            checkpoint=result.checkpoint_path,
+            code_version=code_version(),
+            status=status,
+            round=round,
+            weights_sha256=staged.sha256,
+            files=staged.files,
+            place=lambda model_id: place_staged(staged, model_id, registry=registry.path),
+        )
+    finally:
+        discard_staged(staged)  # left only when the registration failed before renaming it
+    logger.info("registered %s (%s) in %s, files in %s", record.id, record.status, registry.path, record.artifact)
     ref = log_wandb_model(record, config, registry)
     if ref:
         record.wandb_artifact = ref
     return record
+
+
+def protect_registered_exports(config: JobConfig, run_dir: Path) -> list[ModelRecord]:
+    """Before a run writes into ``run_dir``: a model registered before version folders existed may point at this
+    run folder's ``final/`` or ``best/``, which the run is about to replace. Give it its version folder first
+    (hard links of what is there now, hashed), so the rerun cannot overwrite it.
+
+    Returns:
+        The models given a version folder now.
+    """
+    path = registry_path(config)
+    if path is None or not path.is_file():  # no registry yet: nothing registered to protect
+        return []
+    registry = Registry(path)
+    adopted = []
+    for folder in (run_dir / "final", run_dir / "best"):
+        record = registry.find_by_artifact(str(folder)) if folder.is_dir() else None
+        if record is None or record.files is not None:
+            continue
+        staged = stage_export(folder, registry.artifacts_dir)
+        try:
+            found = registry.adopt_artifact(
+                record.id,
+                files=staged.files,
+                weights_sha256=staged.sha256,
+                place=lambda model_id, staged=staged: place_staged(staged, model_id, registry=registry.path),
+            )
+        finally:
+            discard_staged(staged)
+        if found is not None:
+            logger.warning(
+                "%s pointed at %s, which this run replaces; its files are kept in %s", found.id, folder, found.artifact
+            )
+            adopted.append(found)
+    return adopted
 
 
 def _lineage_fields(config: JobConfig, registry: Registry, model_path: str) -> dict[str, Any]:
@@ -230,8 +287,8 @@ def _lineage_fields(config: JobConfig, registry: Registry, model_path: str) -> d
     if config.method == "distill" and distill is not None:
         teacher_path = _resolve_quietly(distill.teacher)
         parent_path = teacher_path  # a student derives from its teacher
-    parent = registry.find_by_artifact(parent_path) if _is_local(parent_path) else None
-    teacher = registry.find_by_artifact(teacher_path) if teacher_path and _is_local(teacher_path) else None
+    parent = _find_registered(registry, parent_path)
+    teacher = _find_registered(registry, teacher_path) if teacher_path else None
     return {
         "parent_id": parent.id if parent else None,
         "parent_ref": None if parent else parent_path,
@@ -240,6 +297,18 @@ def _lineage_fields(config: JobConfig, registry: Registry, model_path: str) -> d
         "base_model": parent.base_model if parent else parent_path,
         "licence": (parent.licence if parent else read_licence(parent_path)) or read_licence(model_path),
     }
+
+
+def _find_registered(registry: Registry, path: str) -> ModelRecord | None:
+    """The registered model a job starts from: the one whose artifact is this folder, else (for a folder this
+    project exported, e.g. a run's ``final/`` that a version folder was made from) the one with the same files."""
+    if not _is_local(path):
+        return None
+    found = registry.find_by_artifact(path)
+    folder = Path(path.removeprefix("file://"))
+    if found is None and (folder / EXPORTED_JOB_FILE).is_file():  # hashing a hub model's folder would be wasted
+        found = registry.find_by_weights(combined_digest(folder_digests(folder)))
+    return found
 
 
 # --------------------------------------------------------------------------------------------------

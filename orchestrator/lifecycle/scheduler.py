@@ -8,6 +8,11 @@ registry (one transaction: the claim fails if another round is active) and submi
 --registry R --round-id N`` through the Jobs API. The job reads the resolved retrain config stored with the
 claim, runs the round and records its outcome.
 
+A round that fails does not make the scheduler resubmit its shards at every poll: each failure is one attempt
+of each of the round's shards; a shard that failed waits (``schedule.retry_backoff_s``, doubled per failure)
+and is then retried alone, and after ``schedule.max_attempts`` failures its content hash is quarantined in the
+registry (:mod:`orchestrator.lifecycle.shard_retries`).
+
 All state lives in the registry, so a restarted scheduler carries on: it finds the running round, waits for
 it, and schedules the next one from the time of the last round. The clock and the job client are injected,
 so tests drive ticks with a fake clock and a fake client.
@@ -26,10 +31,11 @@ from typing import Any, Protocol
 
 from orchestrator.config.retrain import LoadedRetrain
 from orchestrator.errors import OrchestratorError
-from orchestrator.lifecycle.new_data import HashCache, find_new_data
+from orchestrator.lifecycle.new_data import DataFile, HashCache, find_new_data
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import RoundRecord
 from orchestrator.lifecycle.run_registration import code_version
+from orchestrator.lifecycle.shard_retries import ShardAttempts, retry_delay
 
 TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -63,6 +69,10 @@ def job_state(status: Any) -> str:
 
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
 
 
 class RetrainScheduler:
@@ -151,25 +161,29 @@ class RetrainScheduler:
         """One look at jobs, clock and data; returns what happened (for logs and tests)."""
         now = self.clock.time()
         active = self.reconcile()
+        attempts = self._settle_failures(now)  # stamped now: the back-off counts from when a failure is seen
         if active:
             r = active[0]
             return f"busy: round {r.round} is {r.status} (job {r.submission_id or f'pid {r.pid}@{r.host}'})"
         if not self.due(now):
             return "not due"
         try:
-            new = find_new_data(self.loaded, self.registry, hasher=self.hash_cache, now=now)
+            found = find_new_data(self.loaded, self.registry, hasher=self.hash_cache, now=now)
         except OrchestratorError as exc:  # e.g. the watched folder is not mounted yet: try again next tick
             return f"cannot look for new data: {exc}"
         self.last_check = now
-        if not new:
+        if not found:
             return "no new data"
+        new, waiting = self.ready_files(found, attempts, now)
+        if not new:
+            return waiting
         submission_id = f"retrain-{self.name}-{uuid.uuid4().hex[:8]}"
         claimed = self.registry.claim_round(
             self.name,
             new_data=[f.to_dict() for f in new],
             spec=self.loaded.resolved(),
             submission_id=submission_id,
-            at=datetime.fromtimestamp(now, tz=timezone.utc).isoformat(timespec="seconds"),
+            at=_iso(now),
         )
         if claimed is None:
             return "busy: another round was claimed meanwhile"
@@ -181,11 +195,50 @@ class RetrainScheduler:
                 entrypoint_num_cpus=self.schedule.entrypoint_num_cpus,
                 metadata={"orchestrator_retrain": self.name, "round": str(claimed.round)},
             )
-        except Exception as exc:
-            self.registry.update_round(claimed.id, status="failed", message=f"submission failed: {exc}"[:4000])
+        except Exception as exc:  # the job never reached the cluster: no attempt of its shards (abandoned)
+            self.registry.update_round(claimed.id, status="abandoned", message=f"submission failed: {exc}"[:4000])
             return f"submission of round {claimed.round} failed: {exc}"
         files = ", ".join(Path(f.path).name for f in new)
         return f"submitted round {claimed.round} as {submission_id} ({files})"
+
+    # -- failed rounds: back-off and quarantine -------------------------------------------------------------
+
+    def _settle_failures(self, now: float) -> dict[str, ShardAttempts]:
+        """Count the rounds that failed since the last tick (one attempt per shard, stamped ``now``) and
+        quarantine the shards that reached ``schedule.max_attempts``; returns every shard's attempts."""
+        attempts, quarantined = self.registry.settle_failed_rounds(
+            self.name, at=now, max_attempts=self.schedule.max_attempts
+        )
+        for q in quarantined:
+            self.echo(
+                f"{_iso(now)} {self.name}: quarantined {q.path} (sha256 {q.sha256[:12]}) after {q.reason}; "
+                f"release it with: orchestrator registry release {q.sha256[:12]} --registry {self.registry.path}"
+            )
+        return attempts
+
+    def ready_files(
+        self, found: list[DataFile], attempts: dict[str, ShardAttempts], now: float
+    ) -> tuple[list[DataFile], str]:
+        """The files the next round trains on: a shard that failed before, alone, once its back-off is over;
+        else every file that never failed. Returns them, and what the tick says when there are none."""
+        s = self.schedule
+        fresh, retry, waits = [], [], []
+        for f in found:
+            shard = attempts.get(f.sha256)
+            if shard is None:
+                fresh.append(f)
+                continue
+            due_at = shard.last_failed_at + retry_delay(shard.attempts, s.retry_backoff_s, s.retry_backoff_max_s)
+            (retry if now >= due_at else waits).append((f, shard, due_at))
+        if retry:
+            return [retry[0][0]], ""
+        if fresh:
+            return fresh, ""
+        f, shard, due_at = min(waits, key=lambda w: w[2])
+        return [], (
+            f"backing off: {Path(f.path).name} failed {shard.attempts} of {s.max_attempts} attempts "
+            f"({(shard.reason or 'no message')[:200]}); next try at {_iso(due_at)}"
+        )
 
     def entrypoint(self, round_id: int) -> str:
         return shlex.join(
@@ -193,28 +246,31 @@ class RetrainScheduler:
         )
 
     def runtime_env(self) -> dict[str, Any]:
-        from orchestrator.cluster.jobs import DEFAULT_PASSTHROUGH_ENV
+        """The round job's runtime env: never a secret in it (``orchestrator.cluster.jobs.job_runtime_env``).
+
+        The round's processes get secrets on the cluster: from the Ray nodes' environment (the KubeRay
+        manifests' Secret), or from the secrets file this scheduler's ``ORCHESTRATOR_SECRETS_FILE`` names."""
+        from orchestrator.cluster.jobs import job_runtime_env
+        from orchestrator.tracking import SECRETS_FILE_ENV
 
         if not (self.working_dir / "jobs" / "retrain.py").is_file():
             raise OrchestratorError(
                 f"schedule.working_dir {self.working_dir} has no jobs/retrain.py; run from the project root"
             )
-        env = {n: os.environ[n] for n in (*DEFAULT_PASSTHROUGH_ENV, *self.schedule.env) if n in os.environ}
-        env["ORCHESTRATOR_CODE_VERSION"] = code_version()  # the uploaded copy has no .git
-        runtime_env: dict[str, Any] = {
-            "working_dir": str(self.working_dir),
-            "env_vars": env,
-            "excludes": [".venv", "runs", "outputs", "wandb", ".git", "**/__pycache__"],
-        }
-        if self.schedule.pip:
-            runtime_env["pip"] = list(self.schedule.pip)
-        return runtime_env
+        return job_runtime_env(
+            self.working_dir,
+            env_names=self.schedule.env,
+            pip=self.schedule.pip,
+            secrets_file=os.environ.get(SECRETS_FILE_ENV),
+            option="schedule.env:",
+            extra_env={"ORCHESTRATOR_CODE_VERSION": code_version()},  # the uploaded copy has no .git
+        )
 
     def run(self, *, once: bool = False, max_ticks: int | None = None) -> None:
         """Tick every ``schedule.poll_s`` until stopped (Ctrl-C), or once."""
         ticks = 0
         while True:
-            stamp = datetime.fromtimestamp(self.clock.time(), tz=timezone.utc).isoformat(timespec="seconds")
+            stamp = _iso(self.clock.time())
             self.echo(f"{stamp} {self.name}: {self.tick()}")
             ticks += 1
             if once or (max_ticks is not None and ticks >= max_ticks):

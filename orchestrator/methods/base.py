@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
     from orchestrator.config import JobConfig
+    from orchestrator.models.weight_stream import WeightStream
 
 
 @dataclass
@@ -47,9 +48,11 @@ class Method(Protocol):
         ...
 
     def save_weights(
-        self, module: torch.nn.Module, state: dict[str, torch.Tensor], destination: Path, config: JobConfig
+        self, module: torch.nn.Module, weights: WeightStream, destination: Path | None, config: JobConfig
     ) -> None:
-        """Write the weights (gathered full state dict, rank 0) into an export folder."""
+        """Write the weights into an export folder, streaming them from ``weights`` (a module at a time, gathered
+        under ZeRO-3). Called on every rank, since the gathers are collective; ``destination`` is None on the
+        ranks that do not write (all but rank 0)."""
         ...
 
 

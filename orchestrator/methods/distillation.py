@@ -45,16 +45,16 @@ from torch import nn
 from orchestrator.config import DistillSection, JobConfig
 from orchestrator.errors import ConfigError, ConfigIssue, ModelError
 from orchestrator.methods.base import MethodContext, TrainBatchOutput
+from orchestrator.methods.student_init import _kept_layers, student_from_teacher
 from orchestrator.methods.teacher_student import (
     HiddenProjector,
-    _kept_layers,
     check_vocab_match,
     distillation_loss,
     parse_layer_map,
-    student_from_teacher,
 )
 from orchestrator.models.layers import find_blocks_module
 from orchestrator.models.loading import load_model, load_tokenizer, resolve_model_path
+from orchestrator.models.weight_stream import WeightStream, write_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -195,19 +195,37 @@ def resolve_placement(requested: str, teacher: nn.Module, *, device: Any, precis
     return "sharded" if teacher_bytes > SHARD_ABOVE_GPU_FRACTION * gpu_bytes else "replicated"
 
 
-def _shard_teacher(teacher: nn.Module, config: JobConfig, precision: str) -> Any:
-    """The teacher as an inference-only ZeRO-3 engine: each rank keeps 1/N of its weights."""
-    import deepspeed
-
-    ds_config = {
+def _teacher_ds_config(config: JobConfig, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config of the sharded teacher's inference-only ZeRO-3 engine (and of its partitioned load)."""
+    return {
         "train_micro_batch_size_per_gpu": config.training.batch_size_per_worker,
+        "train_batch_size": config.training.batch_size_per_worker * config.scaling.num_workers,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 10**9,
     }
-    engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds_config, dist_init_required=False)
+
+
+def _shard_teacher(teacher: nn.Module, config: JobConfig, precision: str) -> Any:
+    """The teacher as an inference-only ZeRO-3 engine: each rank keeps 1/N of its weights (it was loaded that way,
+    see :func:`_load_teacher`, so it is never whole on a rank)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=teacher, config=_teacher_ds_config(config, precision), dist_init_required=False
+    )
     engine.eval()
     return engine
+
+
+def _meta_teacher(teacher_path: str, config: JobConfig) -> nn.Module:
+    """A weightless copy of the teacher, to decide its placement before anything is loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if config.model.task == "causal-lm" else AutoModelForSequenceClassification
+    hf_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=config.model.trust_remote_code)
+    with torch.device("meta"):
+        return auto.from_config(hf_config, trust_remote_code=config.model.trust_remote_code)
 
 
 def _depth_issues(d: DistillSection, teacher_config: Any, student_config: Any) -> list[ConfigIssue]:
@@ -225,8 +243,11 @@ def _depth_issues(d: DistillSection, teacher_config: Any, student_config: Any) -
     return []
 
 
-def _load_teacher(teacher_path: str, model: nn.Module, config: JobConfig, context: MethodContext) -> nn.Module:
-    """Load the teacher (on the CPU, with ``model``'s label names), frozen and in eval mode.
+def _load_teacher(
+    teacher_path: str, model: nn.Module, config: JobConfig, context: MethodContext, *, sharded: bool = False
+) -> nn.Module:
+    """Load the teacher (on the CPU, with ``model``'s label names), frozen and in eval mode; ``sharded``: built
+    partitioned across the workers and streamed in (``orchestrator.models.zero3_loading``), never whole on a rank.
 
     Raises:
         ConfigError: teacher and ``model.path`` do not share one tokenizer.
@@ -237,7 +258,9 @@ def _load_teacher(teacher_path: str, model: nn.Module, config: JobConfig, contex
     if task == "sequence-classification":
         id2label = model.config.id2label
         label_names = [id2label[i] for i in range(len(id2label))]
-    teacher = load_model(teacher_path, task=task, label_names=label_names, trust_remote_code=trust)
+    zero3 = _teacher_ds_config(config, context.precision) if sharded else None
+    teacher = load_model(teacher_path, task=task, label_names=label_names, trust_remote_code=trust, zero3_config=zero3,
+                         dtype=torch.bfloat16 if sharded and context.precision == "bf16" else None)
     teacher.eval()
     teacher.requires_grad_(False)
     check_vocab_match(
@@ -295,20 +318,13 @@ def _wrap_with_lora(student: nn.Module, config: JobConfig) -> nn.Module:
     return get_peft_model(student, lora_config)
 
 
-def _place_teacher(teacher: nn.Module, d: DistillSection, config: JobConfig, context: MethodContext) -> tuple[Any, str]:
-    """The teacher in the training precision, on this worker as ``distill.teacher_placement`` says: a whole copy
-    on the device, or its own ZeRO-3 engine. Returns it and the placement (``replicated`` or ``sharded``)."""
-    teacher.to(dtype=torch.bfloat16 if context.precision == "bf16" else torch.float32)
-    placement = resolve_placement(
-        d.teacher_placement,
-        teacher,
-        device=context.device,
-        precision=context.precision,
-        world_size=context.world_size,
-    )
+def _place_teacher(teacher: nn.Module, placement: str, config: JobConfig, context: MethodContext) -> Any:
+    """The teacher in the training precision, on this worker as ``placement`` says: a whole copy on the device, or
+    its own ZeRO-3 engine over the partitions it was loaded as."""
     if placement == "sharded":
-        return _shard_teacher(teacher, config, context.precision), placement
-    return teacher.to(context.device), placement
+        return _shard_teacher(teacher, config, context.precision)
+    teacher.to(dtype=torch.bfloat16 if context.precision == "bf16" else torch.float32)
+    return teacher.to(context.device)
 
 
 def _lineage(
@@ -373,7 +389,9 @@ class Distill:
         if d is None:
             raise ConfigError([ConfigIssue("distill", "method: distill needs a distill section")])
         teacher_path = _resolve_teacher(d.teacher)
-        teacher = _load_teacher(teacher_path, model, config, context)
+        placement = resolve_placement(d.teacher_placement, _meta_teacher(teacher_path, config), device=context.device,
+                                      precision=context.precision, world_size=context.world_size)
+        teacher = _load_teacher(teacher_path, model, config, context, sharded=placement == "sharded")
         n_teacher = None
         if d.student_init == "teacher_layers" or d.hidden_weight > 0:
             n_teacher = len(find_blocks_module(teacher)[1])
@@ -381,7 +399,7 @@ class Distill:
         layer_pairs, projector = _build_projector(student, teacher, d, n_teacher)
         if config.lora is not None:
             student = _wrap_with_lora(student, config)
-        teacher_runner, placement = _place_teacher(teacher, d, config, context)
+        teacher_runner = _place_teacher(teacher, placement, config, context)
         logger.info(
             "distill: teacher %s (%s, %s blocks), student %s, layer map %s",
             teacher_path,
@@ -406,16 +424,18 @@ class Distill:
         return TrainBatchOutput(loss=out.loss, logits=out.logits, extra=extra)
 
     def save_weights(
-        self, module: nn.Module, state: dict[str, torch.Tensor], destination: Path, config: JobConfig
+        self, module: nn.Module, weights: WeightStream, destination: Path | None, config: JobConfig
     ) -> None:
         """Only the student, as a plain Hugging Face folder, and ``distill_lineage.json``."""
-        prefix = "student."
-        student_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        student = weights.sub(module.student)
         if hasattr(module.student, "peft_config"):  # a LoRA student: exported like method: lora
             from orchestrator.methods.lora import LoraMethod
 
-            LoraMethod().save_weights(module.student, student_state, Path(destination), config)
+            LoraMethod().save_weights(module.student, student, destination, config)
         else:
-            module.student.save_pretrained(str(destination), state_dict=student_state, safe_serialization=True)
+            write_pretrained(module.student, student.tensors(), destination,
+                             max_shard_bytes=config.output.max_shard_bytes)
+        if destination is None:
+            return
         lineage = getattr(module, "lineage", None) or {"teacher": config.distill.teacher if config.distill else None}
         (Path(destination) / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))

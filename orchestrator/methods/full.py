@@ -9,6 +9,7 @@ import torch
 
 from orchestrator.config import JobConfig
 from orchestrator.methods.base import MethodContext, TrainBatchOutput, model_loss
+from orchestrator.models.weight_stream import WeightStream, write_pretrained
 
 
 class FullFineTune:
@@ -21,6 +22,6 @@ class FullFineTune:
         return model_loss(model, batch)
 
     def save_weights(
-        self, module: torch.nn.Module, state: dict[str, torch.Tensor], destination: Path, config: JobConfig
+        self, module: torch.nn.Module, weights: WeightStream, destination: Path | None, config: JobConfig
     ) -> None:
-        module.save_pretrained(str(destination), state_dict=state, safe_serialization=True)
+        write_pretrained(module, weights.tensors(), destination, max_shard_bytes=config.output.max_shard_bytes)

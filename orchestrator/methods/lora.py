@@ -1,13 +1,15 @@
 """LoRA (PEFT): low-rank adapters on chosen linear layers; the pretrained weights stay frozen.
 
 Works under every ZeRO stage because adapters are added before ``deepspeed.initialize``: DeepSpeed
-only ever sees the trainable LoRA (and head) parameters in its optimizer. Exports gather the full
-state dict first (ZeRO-3 shards even LoRA weights) and merge in a fresh CPU copy, never in the
-sharded training module.
+only ever sees the trainable LoRA (and head) parameters in its optimizer. Under ZeRO-3 the frozen base is
+partitioned from the start (``orchestrator.models.zero3_loading``). Exports stream the weights a layer at a
+time (``orchestrator.models.weight_stream``): the merged model is written layer by layer, each LoRA layer merged
+while it is gathered, never in a whole copy of the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 from orchestrator.config import JobConfig, LoraSection
 from orchestrator.errors import ConfigIssue, ModelError
 from orchestrator.methods.base import MethodContext, TrainBatchOutput, model_loss
+from orchestrator.models.weight_stream import ShardedWriter, WeightStream, own_tensors, save_model_config
 
 # Defaults by `config.model_type`; users override with lora.target_modules.
 DEFAULT_TARGETS = {
@@ -103,25 +106,76 @@ class LoraMethod:
         return model_loss(model, batch)
 
     def save_weights(
-        self, module: torch.nn.Module, state: dict[str, torch.Tensor], destination: Path, config: JobConfig
+        self, module: torch.nn.Module, weights: WeightStream, destination: Path | None, config: JobConfig
     ) -> None:
+        """The adapter (PEFT's folder) and, with ``lora.merge_on_export``, the merged model beside it: one pass over
+        the weights, a LoRA layer at a time (its base weight and adapters gathered together), merged in place of
+        a fresh copy of the model."""
         lora = config.lora or LoraSection()
+        merged = ShardedWriter(
+            destination if lora.merge_on_export else None, max_shard_bytes=config.output.max_shard_bytes
+        )
+        adapter: dict[str, torch.Tensor] = {}
+        for adapter_key, merged_key, tensor in lora_tensors(module, weights):
+            if tensor is None:
+                continue
+            if adapter_key is not None:
+                adapter[adapter_key] = tensor
+            if merged_key is not None:
+                merged.add(merged_key, tensor)
+        merged.close()
+        if destination is None:
+            return
         adapter_dir = destination / "adapter" if lora.merge_on_export else destination
-        module.save_pretrained(str(adapter_dir), state_dict=state, safe_serialization=True)
+        module.save_pretrained(str(adapter_dir), state_dict=adapter, safe_serialization=True)
         if lora.merge_on_export:
-            merge_into_full_model(module, state).save_pretrained(str(destination), safe_serialization=True)
+            save_model_config(module.get_base_model(), destination, merged)
 
 
-def merge_into_full_model(peft_module: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A plain HF model with the adapters merged, built as a fresh CPU copy from the gathered state
-    (the training module may be ZeRO-3 sharded, so it is never merged in place)."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+PEFT_PREFIX = "base_model.model."
 
-    base_config = peft_module.get_base_model().config
-    auto = AutoModelForCausalLM if peft_module.peft_config["default"].task_type == "CAUSAL_LM" else (
-        AutoModelForSequenceClassification
-    )
-    fresh = get_peft_model(auto.from_config(base_config), peft_module.peft_config["default"])
-    fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
-    return fresh.merge_and_unload()
+
+def _merged_name(peft_name: str) -> str:
+    """A PEFT model's tensor name in the merged plain model (what ``merge_and_unload`` would name it)."""
+    name = peft_name.removeprefix(PEFT_PREFIX)
+    return name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+
+
+def lora_tensors(
+    module: torch.nn.Module, weights: WeightStream
+) -> Iterator[tuple[str | None, str | None, torch.Tensor | None]]:
+    """``(adapter name or None, merged-model name or None, rank 0's CPU copy)`` of every tensor of a PEFT model.
+
+    A LoRA layer gives its adapter matrices (adapter only) and its merged weight ``W + ΔW`` (merged only,
+    computed by PEFT's ``get_delta_weight`` on the gathered layer); a ``modules_to_save`` copy (the head) goes to
+    both; its frozen original is left out; every other tensor is the merged model's as it is."""
+    from peft.tuners.lora import LoraLayer
+
+    seen: set[int] = set()
+    for prefix, layer in weights.modules(whole=lambda m: isinstance(m, LoraLayer)):
+        if isinstance(layer, LoraLayer):
+            yield from _lora_layer_tensors(prefix, layer, weights)
+            continue
+        for name, tensor in own_tensors(layer):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            key = f"{prefix}.{name}" if prefix else name
+            if ".original_module." in key:
+                continue
+            adapter_key = key if ".modules_to_save." in key else None
+            yield adapter_key, _merged_name(key), weights.copy(tensor)
+
+
+def _lora_layer_tensors(
+    prefix: str, layer: Any, weights: WeightStream
+) -> Iterator[tuple[str | None, str | None, torch.Tensor | None]]:
+    for name, param in layer.named_parameters():
+        if "lora_" in name:
+            yield f"{prefix}.{name}", None, weights.copy(param)
+    base = layer.get_base_layer()
+    with torch.no_grad():
+        merged = base.weight + layer.get_delta_weight("default").to(base.weight.dtype)
+    yield None, _merged_name(f"{prefix}.weight"), weights.copy(merged)
+    if getattr(base, "bias", None) is not None:
+        yield None, _merged_name(f"{prefix}.bias"), weights.copy(base.bias)

@@ -1,4 +1,5 @@
-"""Teacher-student distillation: the loss terms, the layer map, and a student cut from its teacher.
+"""Teacher-student distillation: the loss terms and the layer map (a student cut from its teacher:
+``orchestrator.methods.student_init``).
 
 Pure functions that a training method assembles (composer style); nothing here holds training state.
 
@@ -8,27 +9,21 @@ Pure functions that a training method assembles (composer style); nothing here h
   real tokens, through an optional learned projection (:class:`HiddenProjector`) when the widths differ.
 * :func:`parse_layer_map` / :func:`hidden_index`: which student block imitates which teacher block, and where
   a block's output sits in a Hugging Face ``output_hidden_states`` tuple.
-* :func:`student_from_teacher`: DistilBERT-style initialisation, keeping a subset of the teacher's blocks.
 * :func:`check_vocab_match`: logit distillation needs one shared vocabulary; fail early when there is not.
 * :func:`distillation_loss`: ``alpha·CE + beta_kd·KD + gamma_hidden·hidden``, with each term for logging.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.errors import ConfigError, ConfigIssue, ModelError
-from orchestrator.models.layers import find_blocks_module
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+from orchestrator.errors import ConfigError, ConfigIssue
 
 logger = logging.getLogger(__name__)
 
@@ -284,105 +279,6 @@ class HiddenProjector(nn.Module):
     def forward(self, pair: int, student_hidden: torch.Tensor) -> torch.Tensor:
         """Project the student hidden state of layer pair number ``pair`` (its position in the layer map)."""
         return self[pair](student_hidden)
-
-
-def _kept_layers(n_teacher: int, keep_every: int | None, keep_layers: Sequence[int] | None) -> list[int]:
-    if keep_every is not None and keep_layers is not None:
-        raise ConfigError(
-            [ConfigIssue("distill.keep_layers", "set either distill.keep_every or distill.keep_layers, not both")]
-        )
-    if keep_layers is None:
-        every = 2 if keep_every is None else keep_every
-        if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= n_teacher:
-            raise ConfigError(
-                [
-                    ConfigIssue(
-                        "distill.keep_every",
-                        f"must be an int in 1..{n_teacher} (the teacher has {n_teacher} blocks); got {every!r}",
-                    )
-                ]
-            )
-        return list(range(every - 1, n_teacher, every))
-    kept = list(keep_layers)
-    problems = []
-    if not kept:
-        problems.append("is empty; list the teacher blocks the student keeps")
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in kept):
-        problems.append(f"must hold ints; got {kept!r}")
-    elif any(not 0 <= i < n_teacher for i in kept):
-        problems.append(f"{kept!r} has blocks outside 0..{n_teacher - 1} (the teacher has {n_teacher} blocks)")
-    elif any(b <= a for a, b in zip(kept, kept[1:])):
-        problems.append(f"must be strictly increasing, bottom block first; got {kept!r}")
-    if problems:
-        raise ConfigError([ConfigIssue("distill.keep_layers", p) for p in problems])
-    return kept
-
-
-def student_from_teacher(
-    teacher: PreTrainedModel,
-    keep_every: int | None = None,
-    keep_layers: list[int] | None = None,
-) -> PreTrainedModel:
-    """A shallower copy of the teacher (DistilBERT-style initialisation): same class, fewer blocks.
-
-    Student block ``j`` starts as a copy of teacher block ``keep_layers[j]``; embeddings, final norms and the
-    head (LM head or classifier) are copied as they are. The teacher is not changed and shares no tensors with
-    the student. The student is built fresh from a copy of the teacher's config with the layer count
-    (``num_hidden_layers``, GPT-2's ``n_layer``) and any per-layer list (``layer_types``) cut down, so
-    per-block state such as the attention's ``layer_idx`` (the KV-cache slot) is right for the new depth.
-
-    By default every ``keep_every``-th block is kept counting from the bottom and ending on a multiple of k:
-    blocks ``k-1, 2k-1, ...`` (6 blocks, k=3 → ``[2, 5]``). Unlike DistilBERT's ``0, 2, 4, ...`` this keeps the
-    top block whenever k divides the depth, so the head keeps the block it was trained on; it also matches the
-    ``"auto"`` layer map of :func:`parse_layer_map`.
-
-    Args:
-        teacher: a Hugging Face model (BERT, GPT-2, Llama and others whose blocks sit in one ``nn.ModuleList``).
-        keep_every: keep every k-th block (default 2 when ``keep_layers`` is not given either).
-        keep_layers: the teacher blocks to keep, strictly increasing; excludes ``keep_every``.
-
-    Returns:
-        The student, in train/eval mode, dtype and device of the teacher.
-
-    Raises:
-        ConfigError: bad ``keep_every`` / ``keep_layers``.
-        ModelError: the blocks cannot be found, or the config's layer count does not match them.
-    """
-    prefix, blocks = find_blocks_module(teacher)
-    n_teacher = len(blocks)
-    config = copy.deepcopy(teacher.config)
-    declared = getattr(config, "num_hidden_layers", None)
-    if declared != n_teacher:
-        raise ModelError(
-            f"{type(teacher).__name__}: found {n_teacher} blocks in {prefix!r} but the config says "
-            f"num_hidden_layers={declared}; cannot cut a student from this model automatically"
-        )
-    kept = _kept_layers(n_teacher, keep_every, keep_layers)
-    config.num_hidden_layers = len(kept)  # GPT2Config maps this name to n_layer
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list) and len(layer_types) == n_teacher:
-        config.layer_types = [layer_types[i] for i in kept]
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        logger.warning(
-            "scale_attn_by_inverse_layer_idx is on: kept blocks move to new indices and scale their "
-            "attention differently from the teacher"
-        )
-
-    new_index = {old: new for new, old in enumerate(kept)}
-    block_prefix = f"{prefix}."
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in teacher.state_dict().items():
-        if name.startswith(block_prefix):
-            index, rest = name[len(block_prefix) :].split(".", 1)
-            if int(index) not in new_index:
-                continue
-            name = f"{block_prefix}{new_index[int(index)]}.{rest}"
-        state[name] = tensor
-    student = type(teacher)(config).to(dtype=teacher.dtype)
-    student.load_state_dict(state, strict=True)  # copies, so nothing is shared with the teacher
-    student.to(teacher.device)
-    student.train(teacher.training)
-    return student
 
 
 def _vocab_size(config: Any) -> int | None:

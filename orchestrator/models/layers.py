@@ -87,7 +87,7 @@ def find_layer_groups(
         if not by_index:
             raise ModelError(f"unfreeze.block_pattern {block_pattern!r} matches no parameter; examples: {names[:5]}")
         blocks = [by_index[i] for i in sorted(by_index)]
-        block_modules = [f"block{i}" for i in sorted(by_index)]
+        block_modules = _block_modules(blocks, block_pattern)
     else:
         prefix, module_list = find_blocks_module(model)
         blocks = []
@@ -111,3 +111,35 @@ def find_layer_groups(
     else:
         head = [n for n in rest if n not in embeddings]
     return LayerGroups(embeddings=embeddings, blocks=blocks, head=head, block_modules=block_modules)
+
+
+def _block_modules(blocks: list[list[str]], block_pattern: str) -> list[str]:
+    """The module of each block named by ``unfreeze.block_pattern``: the deepest module holding all of its
+    parameters. The backward stop hooks these modules, so each block needs one of its own.
+
+    Raises:
+        ModelError: when a block's parameters share no module below the model, or two blocks share one.
+    """
+    modules = []
+    for index, names in enumerate(blocks):
+        owners = [name.split(".")[:-1] for name in names]  # the module path of each parameter
+        common: list[str] = []
+        for parts in zip(*owners):
+            if len(set(parts)) > 1:
+                break
+            common.append(parts[0])
+        if not common:
+            raise ModelError(
+                f"unfreeze.block_pattern {block_pattern!r}: block {index}'s parameters ({', '.join(names[:3])}) have "
+                "no module of its own; the pattern must match one submodule per block, e.g. "
+                r"r'encoder\.layer\.(\d+)\.' for BERT's encoder.layer.<i>"
+            )
+        modules.append(".".join(common))
+    for i, outer in enumerate(modules):
+        for j, inner in enumerate(modules):
+            if i != j and (inner == outer or inner.startswith(outer + ".")):
+                raise ModelError(
+                    f"unfreeze.block_pattern {block_pattern!r}: blocks {i} and {j} share the module {outer!r}; the "
+                    "pattern must match one submodule per block"
+                )
+    return modules

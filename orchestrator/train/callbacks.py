@@ -9,29 +9,39 @@ registration order; a callback with state of its own that a restart must keep ex
 ``load_state_dict()`` (none of the built-in ones needs it: unfreezing is a function of the step, the anchor
 is re-captured from the weights the run starts from, windows restart empty).
 
-Built in: :class:`UnfreezeSchedule`, :class:`WeightAnchorLoss`, :class:`DonorHyperparameters` (PBT),
-:class:`TuneStopSignal`, :class:`ThroughputLog` and :class:`MemoryLog`. Tests add fault injection the same way
-(``tests/support/faults.py``), through ``run_training(..., worker_callbacks=[...])``.
+Built in: :class:`NonFiniteLossGuard`, :class:`UnfreezeSchedule`, :class:`FreshAdamOnUnfreeze`,
+:class:`WeightAnchorLoss`, :class:`DonorHyperparameters` (PBT), :class:`TuneStopSignal`, :class:`ThroughputLog` and
+:class:`MemoryLog`. Tests add fault injection the same way (``tests/support/faults.py``), through
+``run_training(..., worker_callbacks=[...])``.
+
+A callback ends a run that cannot go on by raising :class:`StopRun` on every rank at the same step: the recipe
+returns its error to the driver, which raises it, instead of failing the workers (Ray Train would restart them
+from the last checkpoint, into the same failure).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import torch.distributed as dist
 
+from orchestrator.errors import TrainingError
 from orchestrator.train.evaluation import all_reduce_sum
 from orchestrator.train.memory import memory_mb, resident_tensor_mb
+from orchestrator.train.unfreezing import groups_unfrozen_at, restart_optimizer_state
 
 if TYPE_CHECKING:
     from orchestrator.budget import StepBudget
     from orchestrator.methods.base import TrainBatchOutput
     from orchestrator.tracking import Tracker
     from orchestrator.train.checkpointing import TrainState
-    from orchestrator.train.unfreezing import Unfreezing
+    from orchestrator.train.unfreezing import Schedule, Unfreezing
     from orchestrator.train.weight_anchor import WeightAnchor
 
 
@@ -55,6 +65,7 @@ class Run(Protocol):
 
     rank: int
     device: torch.device
+    run_dir: Path  # the run's output folder
     engine: Any  # the DeepSpeed engine
     budget: StepBudget
     state: TrainState  # saved with every checkpoint
@@ -67,6 +78,16 @@ class Run(Protocol):
     def started_from_checkpoint(self) -> bool: ...
 
     def request_stop(self) -> None: ...
+
+
+class StopRun(Exception):
+    """Raised by a callback, on every rank at the same step, to end the run at once: no further log, eval, export
+    or checkpoint. The recipe catches it, cleans up and returns ``error`` (Ray Train hands rank 0's return value to
+    the driver, which raises it); a failing worker would instead be restarted from the last checkpoint."""
+
+    def __init__(self, error: TrainingError, step: int):
+        super().__init__(str(error))
+        self.error, self.step = error, step
 
 
 class Callback:
@@ -113,6 +134,110 @@ class UnfreezeSchedule(Callback):
 
     def log_values(self, recipe: Run) -> dict[str, Any]:
         return self.unfreezing.log_values(recipe.state.step - 1)
+
+
+class FreshAdamOnUnfreeze(Callback):
+    """A group that becomes trainable after step 0 starts its optimizer state afresh, so its first update is a fresh
+    AdamW's rather than one bias-corrected for all the LR-0 steps it sat through (``orchestrator.train.unfreezing``).
+
+    The restart happens at the end of the step before (``step_end``, so the checkpoint of that step already holds
+    it) and again after a restore at exactly that step (a checkpoint written otherwise, e.g. converted to a
+    universal one on another world size, gets the same state)."""
+
+    def __init__(self, schedule: Schedule, optimizer: torch.optim.Optimizer):
+        self.schedule, self.optimizer = schedule, optimizer
+
+    def step_end(self, recipe: Run) -> None:
+        self._restart(recipe)
+
+    def after_restore(self, recipe: Run) -> None:
+        self._restart(recipe)
+
+    def _restart(self, recipe: Run) -> None:
+        groups = groups_unfrozen_at(self.schedule, recipe.state.step)  # the groups the next step trains first
+        if groups:
+            engine_optimizer = getattr(recipe.engine, "optimizer", None)
+            restart_optimizer_state(self.optimizer, groups, engine_optimizer=engine_optimizer)
+
+
+class NonFiniteLossGuard(Callback):
+    """Ends the run at the first NaN or inf loss, naming the step, without a restart and without writing anything
+    after it.
+
+    Each micro-batch's loss is checked on the device, with no host sync. The result is read back only at the steps
+    that log, evaluate or checkpoint (and the last, which exports), before any of that (``step_end`` is the first
+    thing of a step's end), and before every checkpoint whatever the schedule: so no checkpoint, eval or export ever
+    follows a non-finite loss, and the last checkpoint before it is kept. The ranks agree with one all-gather of
+    four numbers, which names the earliest bad micro-batch of any rank; the run then stops on every rank
+    (:class:`StopRun`).
+    """
+
+    def __init__(self, *, log_every: int, eval_every: int | None, checkpoint_every: int | None):
+        self.log_every, self.eval_every, self.checkpoint_every = log_every, eval_every, checkpoint_every
+        self.checked_at: int | None = None  # the last step read back
+        self.last_checkpoint: int | None = None
+        self._first: torch.Tensor | None = None  # this rank's first bad micro-batch: step, epoch, batch, loss
+
+    def after_restore(self, recipe: Run) -> None:
+        self.last_checkpoint = recipe.state.step
+
+    def after_micro_batch(self, recipe: Run) -> None:
+        state = recipe.state
+        loss = torch.as_tensor(recipe.micro_batch.loss).detach().to(torch.float64).reshape(())
+        if self._first is None:
+            self._first = torch.full((4,), math.inf, dtype=torch.float64, device=loss.device)  # step inf: none yet
+        new = ~torch.isfinite(loss) & torch.isinf(self._first[0])
+        # The step being taken (1-based, as logged) and the micro-batch's place in its epoch.
+        for i, value in enumerate((state.step + 1, state.epoch, state.batch_in_epoch - 1)):
+            self._first[i] = torch.where(new, float(value), self._first[i])
+        self._first[3] = torch.where(new, loss, self._first[3])
+
+    def step_end(self, recipe: Run) -> None:
+        step, total = recipe.state.step, recipe.budget.total_steps
+        reads = (
+            step >= total
+            or step % self.log_every == 0
+            or bool(self.eval_every and step % self.eval_every == 0)
+            or bool(self.checkpoint_every and step % self.checkpoint_every == 0)
+        )
+        if reads:
+            self._check(recipe)
+
+    def before_checkpoint(self, recipe: Run) -> None:
+        if self.checked_at != recipe.state.step:
+            self._check(recipe)
+
+    def after_checkpoint(self, recipe: Run) -> None:
+        self.last_checkpoint = recipe.state.step
+
+    def _check(self, recipe: Run) -> None:
+        self.checked_at = recipe.state.step
+        if self._first is None:
+            return
+        rows = _gather_from_ranks(self._first).tolist()  # the one host sync
+        bad = [(row, rank) for rank, row in enumerate(rows) if math.isfinite(row[0])]
+        if not bad:
+            return
+        (step, epoch, batch, value), rank = min(bad, key=lambda found: (found[0][0], found[1]))
+        kept = (f"the last checkpoint (step {self.last_checkpoint}) is kept" if self.last_checkpoint is not None
+                else "no checkpoint was written")
+        error = TrainingError(
+            f"loss became {value} at step {int(step)} (epoch {int(epoch)}, batch {int(batch)}, rank {rank}); lower "
+            f"training.lr, enable training.max_grad_norm, or check the data. Training stopped without a restart; "
+            f"{kept}"
+        )
+        recipe.tracker.log("error", int(step), {"message": str(error)})
+        recipe.tracker.summary({"error": str(error)})
+        raise StopRun(error, int(step))
+
+
+def _gather_from_ranks(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``local`` (on the device: NCCL gathers CUDA tensors), stacked in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return local.unsqueeze(0)
+    rows = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, local)
+    return torch.stack(rows)
 
 
 class WeightAnchorLoss(Callback):
@@ -169,14 +294,17 @@ class TuneStopSignal(Callback):
 
 class ThroughputLog(Callback):
     """The training window between two logged steps: mean loss (and the method's extra terms), learning rate,
-    samples and real (non-padding) tokens per second, fractional epoch."""
+    samples and real (non-padding) tokens per second, fractional epoch.
+
+    Losses come as device tensors and are summed there; the sum is read back once per logged step."""
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss, self.batches, self.samples, self.tokens = 0.0, 0, 0, 0
-        self.extra: dict[str, float] = {}
+        self.loss: torch.Tensor | float = 0.0
+        self.batches, self.samples, self.tokens = 0, 0, 0
+        self.extra: dict[str, torch.Tensor | float] = {}
         self.started = time.perf_counter()
 
     def fit_start(self, recipe: Run) -> None:
@@ -195,8 +323,8 @@ class ThroughputLog(Callback):
         elapsed = time.perf_counter() - self.started
         state, budget = recipe.state, recipe.budget
         values = {
-            "train/loss": self.loss / max(self.batches, 1),
-            **{f"train/{k}": v / max(self.batches, 1) for k, v in self.extra.items()},
+            "train/loss": float(self.loss) / max(self.batches, 1),
+            **{f"train/{k}": float(v) / max(self.batches, 1) for k, v in self.extra.items()},
             "train/lr": recipe.engine.get_lr()[0],
             "train/samples_per_s": self.samples / max(elapsed, 1e-9),
             "train/tokens_per_s": self.tokens / max(elapsed, 1e-9),

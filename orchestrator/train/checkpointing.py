@@ -3,9 +3,11 @@ to Ray Train, and how a restart loads it back, on the same or another number of 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -88,15 +90,25 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    engine: Any, checkpoint: Any, *, rank: int, universal: bool, load_lr_scheduler: bool
-) -> TrainState:
-    """Load a Ray Train checkpoint into the engine (converted to DeepSpeed's universal format first when it was
-    written by another number of workers), restore this rank's RNG, and return the saved loop position."""
-    with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="orch-universal-") as scratch:
-        load_dir = convert_to_universal(ckpt_dir, DS_TAG, scratch) if universal else ckpt_dir
-        engine.load_checkpoint(
-            load_dir, tag=DS_TAG, load_module_strict=False, load_lr_scheduler_states=load_lr_scheduler
-        )
+    engine: Any, checkpoint: Any, *, rank: int, local_rank: int, universal: bool, load_lr_scheduler: bool
+) -> tuple[TrainState, bool]:
+    """Load a Ray Train checkpoint into the engine, restore this rank's RNG; returns the saved loop position and
+    whether this rank converted the checkpoint to the universal format.
+
+    A checkpoint written by another number of workers is first converted to DeepSpeed's universal format, once per
+    node (by its local rank 0, into a folder the node's ranks share; the others wait), not once per rank."""
+    with checkpoint.as_directory() as ckpt_dir:
+        converted = universal and local_rank == 0
+        load_dir = _universal_once_per_node(checkpoint, ckpt_dir, local_rank) if universal else Path(ckpt_dir)
+        try:
+            engine.load_checkpoint(
+                str(load_dir), tag=DS_TAG, load_module_strict=False, load_lr_scheduler_states=load_lr_scheduler
+            )
+        finally:
+            if universal:
+                _barrier()  # every rank of the node has read the converted folder
+                if local_rank == 0:
+                    shutil.rmtree(load_dir, ignore_errors=True)
         state = TrainState(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
         rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
         if rng_file.exists():
@@ -106,4 +118,23 @@ def load_checkpoint(
                 logger.warning("not restoring RNG state from %s (%s); continuing with fresh RNG", rng_file, exc)
             else:
                 restore_rng(rng)
-    return state
+    return state, converted
+
+
+def _universal_once_per_node(checkpoint: Any, ckpt_dir: str, local_rank: int) -> Path:
+    """The universal form of the checkpoint in a node-local folder named after the checkpoint (so every rank of the
+    node finds it); converted by the node's local rank 0 while the others wait."""
+    key = hashlib.sha256(str(checkpoint.path).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"orch-universal-{key}"
+    if local_rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        convert_to_universal(ckpt_dir, DS_TAG, folder)
+    _barrier()
+    return folder
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -10,17 +10,9 @@ from typing import Any
 import torch
 
 from orchestrator.config import JobConfig
+from orchestrator.precision import resolve_precision
 
-
-def resolve_precision(requested: str, device_type: str) -> str:
-    """'auto' is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
-    if requested != "auto":
-        if device_type == "cpu" and requested == "fp16":
-            raise ValueError("deepspeed.precision: fp16 needs a GPU; use fp32 or bf16 on CPU (or auto)")
-        return requested
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+__all__ = ["resolve_precision"]  # re-exported: the engine is where DeepSpeed's precision is set
 
 
 def model_width(model: torch.nn.Module) -> int | None:

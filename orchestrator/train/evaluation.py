@@ -73,14 +73,17 @@ class _Totals:
 
 
 def _add_causal_lm(totals: _Totals, outputs: Any, batch: dict[str, torch.Tensor], w: torch.Tensor) -> None:
-    """Next-token loss over the real (unmasked) tokens."""
-    logits = outputs.logits[:, :-1].float()
+    """Next-token loss over the real (unmasked) tokens, a sequence at a time: the fp32 copy of the logits that the
+    loss needs is [length, vocab] for one sequence, never [batch, length, vocab] (64 x 4096 x 128k fp32 logits
+    would be 137 GB)."""
     labels = batch["labels"][:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(labels.shape)
     mask = (labels != -100).double().cpu() * w[:, None]
-    totals.loss_sum += (token_loss.double().cpu() * mask).sum()
+    token_loss = torch.empty(labels.shape, dtype=torch.float64)
+    for row in range(labels.size(0)):
+        token_loss[row] = torch.nn.functional.cross_entropy(
+            outputs.logits[row, :-1].float(), labels[row], ignore_index=-100, reduction="none"
+        ).double().cpu()
+    totals.loss_sum += (token_loss * mask).sum()
     totals.count += mask.sum()
 
 

@@ -1,9 +1,9 @@
 """Exporting a trained model as a Hugging Face folder (safetensors + tokenizer + label map + job config).
 
-Under ZeRO-3 no rank holds the whole model, so the weights are gathered first. DeepSpeed's
-``_zero3_consolidated_16bit_state_dict`` gathers one parameter group at a time onto rank 0 (it is what
-``save_16bit_model`` uses, whose public form only writes a pickle); gathering everything at once with
-``GatheredParameters`` would need the whole model in memory on every rank.
+The weights are streamed (``orchestrator.models.weight_stream``): under ZeRO-3 every rank gathers one module at a
+time and rank 0 writes it into the current safetensors shard (``output.max_shard_size``), so no rank ever holds
+the whole model, let alone two copies of it. The folder appears atomically: it is written beside the
+destination, then swapped in (``orchestrator.train.folder_swap``).
 """
 
 from __future__ import annotations
@@ -14,28 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import yaml
 
 from orchestrator.config import JobConfig
+from orchestrator.models.weight_stream import WeightStream
+from orchestrator.train.folder_swap import replace_folder
 
 JOB_CONFIG_FILE = "orchestrator_job.yaml"
 METRICS_FILE = "orchestrator_metrics.json"
-
-
-def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The full (unsharded) state dict on rank 0, None on other ranks. Every rank must call this."""
-    if engine.zero_optimization_partition_weights():  # ZeRO-3
-        state = engine._zero3_consolidated_16bit_state_dict()
-        return state if _rank() == 0 else None
-    if _rank() != 0:
-        return None
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def export_hf_folder(
@@ -49,35 +36,30 @@ def export_hf_folder(
     is_rank0: bool,
     method: Any,
 ) -> None:
-    """Write a folder that ``AutoModelFor*.from_pretrained`` loads, atomically (write, then rename).
+    """Write a folder that ``AutoModelFor*.from_pretrained`` loads, atomically (write, then swap in).
 
-    The method writes the weights (``Method.save_weights``): a plain HF model for full fine-tuning,
-    the PEFT adapter (and optionally a merged model) for LoRA, only the student for distillation."""
-    state = full_state_dict(engine)
+    Every rank must call this (under ZeRO-3 the gathers are collective); only rank 0 writes. The method writes
+    the weights (``Method.save_weights``): a plain HF model for full fine-tuning, the PEFT adapter (and optionally
+    a merged model) for LoRA, only the student for distillation."""
+    module = engine.module
+    weights = WeightStream(module, is_rank0=is_rank0)
+    staging: Path | None = None
     if is_rank0:
-        assert state is not None
-        module = engine.module
         destination.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
-        try:
-            state = {k: v.contiguous() for k, v in state.items()}
-            method.save_weights(module, state, staging, config)
+    try:
+        method.save_weights(module, weights, staging, config)
+        if staging is not None:
             tokenizer.save_pretrained(str(staging))
             (staging / JOB_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             (staging / METRICS_FILE).write_text(
                 json.dumps({"label_names": label_names, "metrics": _plain(metrics)}, indent=2)
             )
-            old = destination.with_name(f".{destination.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            if destination.exists():
-                destination.rename(old)
-            staging.rename(destination)
-            if old.exists():
-                shutil.rmtree(old)
-        except BaseException:
+            replace_folder(staging, destination)  # keeps the last good copy whatever step a crash hits
+    except BaseException:
+        if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-            raise
+        raise
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

@@ -9,7 +9,6 @@ Everything that hooks into steps is a callback (``orchestrator.train.callbacks``
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -26,14 +25,19 @@ from orchestrator.data.readers import Collator, PackedCollator, PackedReader, Ro
 from orchestrator.data.sources import PreparedData
 from orchestrator.errors import TrainingError
 from orchestrator.methods import MethodContext, TrainBatchOutput, get_method
-from orchestrator.models.loading import apply_liger_kernel, compile_blocks, load_model, load_tokenizer
+from orchestrator.models.loading import apply_liger_kernel, compile_blocks, fetch_model, load_model, load_tokenizer
+from orchestrator.precision import torch_dtype
 from orchestrator.tracking import Tracker
+from orchestrator.train.best_snapshot import BestSnapshot
 from orchestrator.train.callbacks import (
     Callback,
     Callbacks,
     DonorHyperparameters,
     Event,
+    FreshAdamOnUnfreeze,
     MemoryLog,
+    NonFiniteLossGuard,
+    StopRun,
     ThroughputLog,
     TuneStopSignal,
     UnfreezeSchedule,
@@ -49,7 +53,7 @@ from orchestrator.train.engine import (
     resolve_precision,
     skip_unused_cpu_comm_op,
 )
-from orchestrator.train.evaluation import evaluate
+from orchestrator.train.evaluation import all_reduce_sum, evaluate
 from orchestrator.train.export import export_hf_folder
 from orchestrator.train.memory import memory_mb
 from orchestrator.train.reshard import (
@@ -72,35 +76,57 @@ from orchestrator.train.weight_anchor import WeightAnchor
 logger = logging.getLogger(__name__)
 
 
+
 @dataclass
 class MicroBatch:
     """What the last micro-batch contributed, for the callbacks that count (``Event.AFTER_MICRO_BATCH``)."""
 
-    loss: float = 0.0
+    loss: torch.Tensor | float = 0.0  # this worker's loss, on the device (read back only where a step logs)
     samples: int = 0  # over all workers
     tokens: int = 0  # real (non-padding) tokens, over all workers
     extra: dict[str, float] = field(default_factory=dict)
 
 
 def _quiet_libraries() -> None:
-    """Keep worker logs to what a user needs: our progress lines and real warnings/errors."""
+    """Keep worker logs to what a user needs: our progress lines and real warnings/errors.
+
+    Unless ``ORCHESTRATOR_VERBOSE`` (``-v``) is set, also notices a user cannot act on: torch's FutureWarnings
+    about deprecated ``torch.distributed`` names (which DeepSpeed calls, once per worker), and Ray Train's
+    "Reporting training result ..." line (every report's metrics, once per rank).
+    """
+    import warnings
+
     import transformers
+
+    from orchestrator.tracking import verbose_output
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     for name in ("ray.train", "deepspeed", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if verbose_output():
+        return
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    try:  # Ray Train V2 names this logger after its file, so the "ray.train" level above does not reach it
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: its line stays
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def worker_nodes(world_size: int) -> list[Any]:
-    """The Ray node each rank runs on (placement checks, multi-node debugging); collective: every rank calls."""
+def worker_places(world_size: int) -> list[tuple[Any, int]]:
+    """(Ray node id, process id) of each rank, in rank order (placement checks, multi-node debugging, per-rank
+    memory read from /proc by the benchmarks); collective: every rank calls."""
+    import os
+
     import ray
 
-    nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    here = (ray.get_runtime_context().get_node_id(), os.getpid())
+    places: list[Any] = [here]
     if dist.is_available() and dist.is_initialized():
-        nodes = [None] * world_size
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    return nodes
+        places = [None] * world_size
+        dist.all_gather_object(places, here)
+    return [tuple(p) for p in places]
 
 
 def _set_seed(seed: int) -> None:
@@ -133,12 +159,20 @@ class TrainRecipe:
         self.micro_batch = MicroBatch()
         self.checkpoint_upload_fn: Any = None  # set by callbacks before a checkpoint (BEFORE_CHECKPOINT)
         self.finished = False
+        self.best_snapshot: BestSnapshot | None = None
 
-    def run(self) -> None:
+    def run(self) -> TrainingError | None:
+        """Set up, restore, train, clean up. Returns the error training stopped on without failing the workers (a
+        non-finite loss: ``callbacks.StopRun``, raised on every rank at the same step), for the driver to raise."""
         self.setup()
         self.restore()
-        self.train()
+        try:
+            self.train()
+        except StopRun as stop:  # not a worker failure: Ray Train must not restart into the same loss
+            self.cleanup()
+            return stop.error
         self.cleanup()
+        return None
 
     # ----------------------------------------------------------------------------------------------- set up
     def setup(self) -> None:
@@ -158,6 +192,7 @@ class TrainRecipe:
         self.memory_at_start = memory_mb(torch.device("cpu"))["memory/peak_rss_mb"]  # before the model exists
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.local_rank = context.get_local_rank()
         self.device = ray.train.torch.get_device()
         self.device_type = "cuda" if self.device.type == "cuda" else "cpu"
         self.precision = resolve_precision(self.config.deepspeed.precision, self.device_type)
@@ -165,8 +200,11 @@ class TrainRecipe:
         _set_seed(self.config.training.seed)
 
     def _setup_model(self) -> None:
+        """Tokenizer, pretrained model (partitioned across the workers from the start under ZeRO-3), method."""
         m = self.config.model
+        self._fetch_model_once_per_node()
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=m.trust_remote_code)
+        zero3_config = self._zero3_load_config()
         model = load_model(
             self.model_path,
             task=m.task,
@@ -174,13 +212,18 @@ class TrainRecipe:
             trust_remote_code=m.trust_remote_code,
             grow_head=m.grow_head,
             attn_implementation=m.attn_implementation,
+            dtype=torch_dtype(self.precision),  # a half-precision checkpoint trains in fp32 when no mixed precision
+            zero3_config=zero3_config,
         )
+        # Under ZeRO-3 every parameter is partitioned from construction on (the start record shows the share).
+        self.partitioned_at_load = sum(hasattr(p, "ds_id") for p in model.parameters()) / max(
+            1, sum(1 for _ in model.parameters()))
         if m.liger_kernel:
             apply_liger_kernel(model, fused_loss_only=m.torch_compile)
-        if self.precision == "fp32":
-            model.float()  # a checkpoint saved in half precision trains with fp32 weights when no mixed precision runs
         if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # Non-reentrant checkpointing, explicitly: the reentrant kind drops the gradients of inputs that do not
+            # require grad (frozen embeddings under unfreezing or LoRA) and does not work with ZeRO-3's hooks.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.method = get_method(self.config.method)
         context = MethodContext(
             model_path=self.model_path, device=self.device, precision=self.precision, world_size=self.world_size
@@ -188,8 +231,32 @@ class TrainRecipe:
         self.model = self.method.prepare_model(model, self.config, context)
         self.setup_times["model_ready"] = time.time()
 
+    def _fetch_model_once_per_node(self) -> None:
+        """A hub id is downloaded by the node's local rank 0 while its other ranks wait, then read from the cache
+        by all: no rank loads from the network, and a node downloads it once."""
+        if Path(self.model_path).is_dir():
+            return
+        if self.local_rank == 0:
+            self.model_path = fetch_model(self.model_path)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if self.local_rank != 0:
+            self.model_path = fetch_model(self.model_path, cached_only=True)
+
+    def _zero3_load_config(self) -> dict[str, Any] | None:
+        """The DeepSpeed config the model is built partitioned with under ZeRO-3 (None below stage 3). The engine
+        gets its own config later, sized from the prepared model; stage and precision are the same."""
+        ds_config = build_deepspeed_config(self.config, world_size=self.world_size, precision=self.precision)
+        skip_unused_cpu_comm_op(ds_config, device_type=self.device_type)  # zero.Init would build it too
+        return ds_config if ds_config["zero_optimization"].get("stage") == 3 else None
+
     def _setup_data(self) -> None:
-        """Readers, the checkpoint to start from, and the step budget (which needs both)."""
+        """The checkpoint to start from, readers, and the step budget (which needs both)."""
+        self._find_checkpoint()
+        self._setup_readers()
+
+    def _find_checkpoint(self) -> None:
+        """Ray Train's latest checkpoint of the run, or the one a PBT trial continues; what topology wrote it."""
         import ray.train
 
         self.start_checkpoint = ray.train.get_checkpoint()
@@ -202,6 +269,9 @@ class TrainRecipe:
         self.saved = read_saved_state(self.start_checkpoint, STATE_FILE) if self.start_checkpoint is not None else None
         self.new_world_size = self.saved is not None and self.saved.get("world_size") not in (None, self.world_size)
         self.universal = needs_universal(self.saved, world_size=self.world_size)
+
+    def _setup_readers(self) -> None:
+        """Readers and collator, then the step budget (a resume on another world size keeps the saved one)."""
         # Readers before the step budget: with data.packing an example is a packed block, counted once tokenized.
         d, task = self.config.data, self.config.model.task
         if d.packing:
@@ -268,9 +338,16 @@ class TrainRecipe:
 
     def _setup_callbacks(self) -> None:
         """The built-in callbacks this run needs, then the extra ones, in the order their log values appear."""
-        callbacks: list[Callback] = [ThroughputLog()]
+        t = self.config.training
+        guard = NonFiniteLossGuard(  # first: its step_end check comes before anything else of a step's end
+            log_every=t.log_every_steps,
+            eval_every=t.eval_every_steps if self.data.evals else None,
+            checkpoint_every=t.checkpoint_every_steps,
+        )
+        callbacks: list[Callback] = [guard, ThroughputLog()]
         if self.unfreezing is not None:
             callbacks.append(UnfreezeSchedule(self.unfreezing))
+            callbacks.append(FreshAdamOnUnfreeze(self.unfreezing.schedule, self.optimizer))
         callbacks.append(MemoryLog())
         # Optional L2 pull toward the starting weights (continual retraining); taken before any checkpoint load.
         anchor = WeightAnchor.capture(self.engine.module, self.config.regularization.l2_to_start)
@@ -293,10 +370,11 @@ class TrainRecipe:
         """Load the checkpoint, if any, re-shard the loop position for a new topology, and open the tracker."""
         self.resharded: dict[str, Any] = {}
         if self.start_checkpoint is not None:
-            self.state = load_checkpoint(
-                self.engine, self.start_checkpoint, rank=self.rank, universal=self.universal,
-                load_lr_scheduler=not self.inherited,
+            self.state, converted = load_checkpoint(
+                self.engine, self.start_checkpoint, rank=self.rank, local_rank=self.local_rank,
+                universal=self.universal, load_lr_scheduler=not self.inherited,
             )
+            self.universal_conversions = int(all_reduce_sum(torch.tensor([float(converted)])).item())
             self.callbacks.fire(Event.AFTER_RESTORE, self)
             t = self.config.training
             if self.new_world_size or (self.state.batch_size or t.batch_size_per_worker) != t.batch_size_per_worker:
@@ -325,6 +403,7 @@ class TrainRecipe:
             "resume/batch_in_epoch": position.batch_in_epoch,
             "resume/skipped_rows": position.skipped_rows,
             "resume/universal_checkpoint": self.universal,
+            "resume/universal_conversions": self.universal_conversions,  # one per node, not one per rank
             "resume/weights_l2": weights_l2(self.engine),  # to check the re-sharded weights against the checkpoint
         }
         state.batch_in_epoch = position.batch_in_epoch
@@ -358,6 +437,7 @@ class TrainRecipe:
             else:
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
+        self.export_best()
 
     def request_stop(self) -> None:
         """End the loop after the current step (callbacks call this at ``Event.STEP_REPORTED``)."""
@@ -382,12 +462,8 @@ class TrainRecipe:
         self.callbacks.fire(Event.BEFORE_FORWARD, self)
         self.output = self.method.compute_loss(self.engine, batch)
         self.callbacks.fire(Event.AFTER_LOSS, self)
-        loss_value = self.output.loss.detach().float().item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(
-                f"loss became {loss_value} at step {state.step + 1} (epoch {state.epoch}, batch "
-                f"{state.batch_in_epoch}); lower training.lr, enable training.max_grad_norm, or check the data"
-            )
+        # On the device: NonFiniteLossGuard checks it and ThroughputLog sums it there (no sync per micro-batch).
+        loss_value = self.output.loss.detach().float()
         self.engine.backward(self.output.loss)
         self.engine.step()
         samples = len(batch_indices) * self.world_size
@@ -430,18 +506,32 @@ class TrainRecipe:
         self.callbacks.fire(Event.STEP_REPORTED, self)
 
     def _keep_best(self, metrics: dict[str, Any]) -> None:
-        """Track the best value of the run's metric; export ``best/`` at each improvement (output.save_best)."""
+        """Track the best value of the run's metric; at each improvement each rank keeps its share of the weights
+        (output.save_best), for the one ``best/`` export after the last step (orchestrator.train.best_snapshot)."""
         if self.metric_name is None or self.metric_name not in metrics:
             return
         value, best = metrics[self.metric_name], self.state.best_metric
         if best is None or (value > best if self.metric_mode == "max" else value < best):
             self.state.best_metric, self.state.best_step = value, self.state.step
             if self.config.output.save_best:
-                self.export("best", metrics)
+                if self.best_snapshot is None:
+                    self.best_snapshot = BestSnapshot(self.engine.module, rank=self.rank, world_size=self.world_size)
+                self.best_snapshot.take(self.state.step, metrics)
+
+    def export_best(self) -> None:
+        """``best/`` from the snapshot of the best evaluation, once training is over (final weights exported and
+        checkpointed already). A restart after the best step lost its snapshot: then it says so."""
+        if self.best_snapshot is not None and self.best_snapshot.step is not None:
+            self.best_snapshot.restore()
+            self.export("best", self.best_snapshot.metrics or {})
+        elif self.config.output.save_best and self.state.best_step is not None and self.rank == 0:
+            logger.warning(
+                "best/ not exported: the best evaluation (step %s) came before this run restarted from a checkpoint, "
+                "and no later evaluation beat it; final/ holds the last weights", self.state.best_step)
 
     def _log_start(self) -> None:
         """The run's start record: topology, precision, parameter counts, setup times, data summary."""
-        nodes = worker_nodes(self.world_size)  # collective: every rank takes part
+        places = worker_places(self.world_size)  # collective: every rank takes part
         if self.rank != 0:
             return
         # ZeRO-3 leaves each parameter empty on the module; ds_numel is its full size.
@@ -456,10 +546,12 @@ class TrainRecipe:
                 "total_steps": self.budget.total_steps,
                 "resumed_from_step": self.state.step if self.start_checkpoint is not None else None,
                 "world_size": self.world_size,
-                "worker_nodes": nodes,
+                "worker_nodes": [node for node, _ in places],
+                "worker_pids": [pid for _, pid in places],
                 "precision": self.precision,
                 "params_total": total,
                 "params_trainable": trainable,  # groups frozen for the whole run excluded
+                "zero3/params_partitioned_at_load": self.partitioned_at_load,
                 **unfreezing,
                 "memory/rss_before_model_mb": self.memory_at_start,
                 **self.resharded,
@@ -497,7 +589,9 @@ class TrainRecipe:
         self.callbacks.fire(Event.AFTER_CHECKPOINT, self)
 
     def export(self, name: str, metrics: dict[str, Any]) -> None:
-        """The model as a Hugging Face folder ``<run_dir>/<name>`` (``final`` or ``best``)."""
+        """The model as a Hugging Face folder ``<run_dir>/<name>`` (``final`` or ``best``); an ``export`` record
+        says how long training stood still for it."""
+        started = time.time()
         export_hf_folder(
             self.engine,
             tokenizer=self.tokenizer,
@@ -508,6 +602,8 @@ class TrainRecipe:
             is_rank0=self.rank == 0,
             method=self.method,
         )
+        self.tracker.log("export", self.state.step, {"export/name": name, "export/started": started,
+                                                     "export/seconds": time.time() - started})
 
     # ----------------------------------------------------------------------------------------------- clean up
     def cleanup(self) -> None:

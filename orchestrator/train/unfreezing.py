@@ -30,6 +30,14 @@ checkpoint round trip each time. What the engine sees is therefore decided once,
 
 Both tiers depend on the schedule and the run's step budget only, so resuming mid-schedule needs no
 extra state (a resume must keep the budget: the optimizer state it loads was built for the same tiers).
+
+A group frozen until a later step still takes part in every optimizer step (at LR 0, with the zero gradients
+DeepSpeed fills in below the backward stop): its Adam moments stay 0 while its step count t grows, so its first
+update would be (1 - b1) / (1 - b1^t) / sqrt((1 - b2) / (1 - b2^t)) times a fresh Adam's: 0.58x after 3 frozen
+steps, 2.5x after 1000, toward (1 - b1) / sqrt(1 - b2) ≈ 3.2x. ``restart_optimizer_state`` therefore puts such a
+group's state back to a fresh optimizer's
+(moments and step 0) at the step it becomes trainable (``groups_unfrozen_at``; the ``FreshAdamOnUnfreeze``
+callback), wherever DeepSpeed keeps that state (see ``_state_tensors``).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from orchestrator.errors import ModelError
 from orchestrator.models.layers import LayerGroups, find_layer_groups
 
 if TYPE_CHECKING:
@@ -180,6 +189,70 @@ def group_indices(names: list[str], num_blocks: int) -> list[int]:
     return sorted(result)
 
 
+def groups_unfrozen_at(schedule: Schedule, step: int) -> frozenset[int]:
+    """The groups that train at ``step`` but did not at ``step - 1`` (none at step 0: nothing trained before)."""
+    if step <= 0:
+        return frozenset()
+    return trainable_groups(schedule, step) - trainable_groups(schedule, step - 1)
+
+
+def restart_optimizer_state(optimizer: torch.optim.Optimizer, layer_groups: Iterable[int], *,
+                            engine_optimizer: Any = None) -> int:
+    """Put the optimizer state of some layer groups back to what a fresh optimizer starts from: every state tensor
+    (Adam's moments and, for torch's fused AdamW, the ``step`` tensor) zeroed in place, a step count kept as a
+    number set to 0. In place, because DeepSpeed keeps references to these tensors (ZeRO 1/2 link them to each
+    parameter's fragment); its next update is then a fresh AdamW's first, bit for bit.
+
+    Args:
+        optimizer: the torch optimizer the engine was built with; its param groups carry ``layer_group``.
+        layer_groups: indices of the groups to restart (``groups_unfrozen_at``).
+        engine_optimizer: the engine's optimizer (``engine.optimizer``: DeepSpeed's ZeRO optimizer, or
+            ``optimizer`` itself under ZeRO 0 without mixed precision).
+
+    Returns:
+        How many parameters' (or flat partitions') states were restarted on this rank.
+    """
+    wanted = set(layer_groups)
+    states = [optimizer.state]
+    backup = getattr(engine_optimizer, "backup_optimizer", None)  # ZeRO-3 partial offload steps some groups here
+    if backup is not None:
+        states.append(backup.state)
+    tensors = _state_tensors(optimizer, engine_optimizer)
+    restarted = 0
+    for index, group in enumerate(optimizer.param_groups):
+        if group.get("layer_group") not in wanted:
+            continue
+        if "step" in group:  # optimizers that count steps per group (DeepSpeed's FusedAdam)
+            group["step"] = 0
+        for tensor in tensors.get(index, []):
+            for state in (s[tensor] for s in states if tensor in s):
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
+                    elif key == "step":
+                        state[key] = type(value)(0)  # DeepSpeedCPUAdam counts in a Python int
+                restarted += 1
+    return restarted
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, engine_optimizer: Any) -> dict[int, list[torch.Tensor]]:
+    """The tensors the optimizer's state is keyed by, per param group.
+
+    Without ZeRO those are the model's parameters; under ZeRO 1/2 (and DeepSpeed's bf16/fp16 optimizers) each
+    group's params are this rank's flat fp32 partition, still listed in the group. ZeRO-3 empties every group's
+    params between steps (it puts one flat sub-group in at a time, ``DeepSpeedZeroOptimizer_Stage3._optimizer_step``),
+    so there the partitions come from ``fp32_partitioned_groups_flat`` and ``sub_group_to_group_id``.
+    """
+    flat = getattr(engine_optimizer, "fp32_partitioned_groups_flat", None)
+    owner = getattr(engine_optimizer, "sub_group_to_group_id", None)
+    if flat is not None and owner is not None:
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for sub_group, tensor in enumerate(flat):
+            by_group.setdefault(owner[sub_group], []).append(tensor)
+        return by_group
+    return {index: list(group["params"]) for index, group in enumerate(optimizer.param_groups)}
+
+
 class GroupLR:
     """Picklable per-param-group LR lambda: the base warmup/decay schedule × the group's scale."""
 
@@ -224,7 +297,12 @@ class BackwardStop:
         self._handle: Any = None
         self.lowest: int | None = None
         modules = dict(model.named_modules())
-        self._blocks = [modules[name] for name in groups.block_modules] if groups.block_modules else []
+        missing = [name for name in groups.block_modules if name not in modules]
+        if missing:
+            raise ModelError(
+                f"the blocks {missing} are not modules of {type(model).__name__}; check unfreeze.block_pattern"
+            )
+        self._blocks = [modules[name] for name in groups.block_modules]
 
     def update(self, step: int) -> int:
         """Arm the hook for this step; returns the lowest trainable group index."""

@@ -135,10 +135,16 @@ class _Fit(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        from orchestrator.cluster.launcher import training_error
+
         try:
             self.result = self.trainer.fit()
         except BaseException as exc:  # re-raised by the trial function
             self.error = exc
+            return
+        # Workers that stopped on a non-finite loss end normally (so Train does not restart them); the trial failed
+        # all the same: the trial function raises the error, and Tune records the trial as failed with its text.
+        self.error = training_error(self.result)
 
 
 class _Stopped(Exception):

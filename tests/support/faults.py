@@ -1,8 +1,9 @@
 """Fault injection for the failure and resume tests: worker callbacks that only tests register, through
 ``run_training(config, worker_callbacks=[...])``.
 
-Each fails once, at the first checkpoint at or past its step, and never in an attempt that started from a
-checkpoint (after Ray Train restarts the workers, or on ``--resume``), like a node lost once.
+The checkpoint faults fail once, at the first checkpoint at or past their step, and never in an attempt that
+started from a checkpoint (after Ray Train restarts the workers, or on ``--resume``), like a node lost once.
+:class:`PoisonLoss` makes the loss non-finite at its step in every attempt, like a diverging run.
 
 Ray's workers import callbacks by module name; this module is pickled by value so that they need not have the
 tests folder on their path.
@@ -11,6 +12,7 @@ tests folder on their path.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +63,30 @@ def upload_part_then_fail(checkpoint: Any, checkpoint_dir_name: str) -> Any:
     raise RuntimeError(
         f"injected fault while uploading checkpoint {checkpoint_dir_name} ({len(written)} of {len(files)} files)"
     )
+
+
+class PoisonLoss(Callback):
+    """Make one rank's loss NaN at the micro-batches of optimizer step ``step`` (1-based, as logged), in every
+    attempt: a loss that goes non-finite at the same point each time the run is restarted, as a diverging
+    learning rate or a bad row does."""
+
+    def __init__(self, step: int, *, rank: int = 0, value: float = float("nan")):
+        self.step, self.rank, self.value = step, rank, value
+
+    def after_loss(self, recipe: Run) -> None:
+        if recipe.rank == self.rank and recipe.state.step + 1 == self.step and recipe.output is not None:
+            recipe.output = replace(recipe.output, loss=recipe.output.loss * self.value)
+
+
+class RecordPartitions(Callback):
+    """Writes, per rank, each parameter's full size and the part of it this rank holds, before the first step
+    (``partitions_rank<N>.json`` in the run folder): under ZeRO-3 no rank may hold a parameter whole."""
+
+    def fit_start(self, recipe: Run) -> None:
+        import json
+
+        module = recipe.engine.module
+        sizes = {name: [int(getattr(p, "ds_numel", p.numel())), int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor")
+                        else int(p.numel())] for name, p in module.named_parameters()}
+        path = Path(recipe.run_dir) / f"partitions_rank{recipe.rank}.json"
+        path.write_text(json.dumps(sizes))

@@ -1,0 +1,187 @@
+"""Registered models' folders: immutable version folders and the hashes of their files.
+
+A run exports to ``<run>/final`` (and ``best``), which a later run of the same name replaces. Registration
+therefore gives the model a folder of its own, ``<registry>-artifacts/<model id>/`` beside the registry file:
+the export's files hard-linked there (copied where links are not possible, e.g. across filesystems), so a
+later export, which writes new files and swaps folders, never changes them. The registry records that folder
+and the sha256 of every file in it; the files are made read-only, and the folder gets a manifest
+(:data:`MANIFEST_FILE`: model id, registry, hashes) so that ``orchestrator predict`` can check a folder
+without the registry. Promotion, rollback and predict check the hashes (:func:`verify_files`) and refuse a
+folder whose files changed, naming the model, the folder and each file that changed.
+
+Staging then placing keeps a registration atomic: the files are linked into ``.incoming-<random>`` first and
+hashed there, and the folder is renamed to its model id inside the registry's write transaction that assigns
+the id (:func:`place_staged`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.lifecycle.registry_records import RegistryError
+
+MANIFEST_FILE = "orchestrator_registered.json"
+STAGING_PREFIX = ".incoming-"
+
+
+class ArtifactChangedError(RegistryError):
+    """A registered model's files are not those registered (changed, missing or added)."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative POSIX paths, sorted), the manifest left out."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+
+
+def combined_digest(files: dict[str, str]) -> str:
+    """One sha256 for a folder: over its sorted ``<sha256>  <path>`` lines (what ``sha256sum`` prints)."""
+    lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def describe_changes(recorded: dict[str, str], found: dict[str, str]) -> list[str]:
+    """What differs between the registered files and the folder now, one phrase per file."""
+    changes = []
+    for name in sorted(set(recorded) | set(found)):
+        before, now = recorded.get(name), found.get(name)
+        if before == now:
+            continue
+        if now is None:
+            changes.append(f"{name} is missing")
+        elif before is None:
+            changes.append(f"{name} was added")
+        else:
+            changes.append(f"{name} changed (sha256 {before[:12]} registered, {now[:12]} now)")
+    return changes
+
+
+def verify_files(model_id: str, folder: str, recorded: dict[str, str] | None) -> None:
+    """Check a registered model's folder against the hashes recorded at registration.
+
+    Args:
+        model_id: the model, for the message.
+        folder: its local folder (URIs are not checked: their store keeps its own checksums).
+        recorded: the file hashes registered (None: registered before hashes were recorded; not checked).
+
+    Raises:
+        ArtifactChangedError: the folder is gone, or files changed, are missing or were added.
+    """
+    if recorded is None or ("://" in folder and not folder.startswith("file://")):
+        return
+    path = Path(folder.removeprefix("file://"))
+    if not path.is_dir():
+        raise ArtifactChangedError(
+            f"{model_id}: its registered folder {path} is gone; restore it from a backup (the registry records "
+            "the sha256 of every file) or register the model again"
+        )
+    changes = describe_changes(recorded, folder_digests(path))
+    if changes:
+        raise ArtifactChangedError(
+            f"{model_id}: the files in its registered folder {path} are not those registered: "
+            + "; ".join(changes)
+            + ". A registered model's folder must not change: restore the files from a backup, or train and "
+            "register a new version"
+        )
+
+
+def verify_manifest(folder: Path) -> None:
+    """Check a folder that holds a registration manifest (a registered model's folder) against it.
+
+    Raises:
+        ArtifactChangedError: files changed since registration (see :func:`verify_files`).
+    """
+    manifest = folder / MANIFEST_FILE
+    if not manifest.is_file():
+        return
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactChangedError(f"{manifest}: unreadable registration manifest ({exc})") from None
+    verify_files(str(recorded.get("model_id", "?")), str(folder), recorded.get("files"))
+
+
+@dataclass
+class StagedArtifact:
+    """An export's files linked (or copied) into the registry's artifacts folder, hashed, not yet named."""
+
+    folder: Path
+    files: dict[str, str]
+
+    @property
+    def sha256(self) -> str:
+        return combined_digest(self.files)
+
+
+def stage_export(source: Path, artifacts_dir: Path) -> StagedArtifact:
+    """Hard-link (else copy) every file of an exported folder into a fresh staging folder and hash them there.
+
+    The hashes are those of the staged files themselves, so what is recorded is what the version folder
+    holds even if ``source`` is replaced meanwhile.
+    """
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    staging = artifacts_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+    shutil.copytree(source, staging, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(MANIFEST_FILE))
+    return StagedArtifact(folder=staging, files=folder_digests(staging))
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)  # no second copy of the weights; a later export writes new files
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(source, destination)
+
+
+def place_staged(staged: StagedArtifact, model_id: str, *, registry: Path) -> str:
+    """Rename a staged folder to ``<artifacts>/<model_id>``, write its manifest and make its files read-only.
+
+    Called inside the write transaction that assigns ``model_id``: no registered model has that id yet, so a
+    folder already there is the leftover of a registration that failed after this step, and is replaced.
+
+    Returns:
+        The version folder (absolute path), which the registry records as the artifact.
+    """
+    target = staged.folder.parent / model_id
+    if target.exists():
+        shutil.rmtree(target)
+    staged.folder.rename(target)
+    manifest: dict[str, Any] = {
+        "model_id": model_id,
+        "registry": str(registry),
+        "sha256": staged.sha256,
+        "files": staged.files,
+    }
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    _make_read_only(target)
+    return str(target.resolve())
+
+
+def discard_staged(staged: StagedArtifact) -> None:
+    """Remove a staged folder whose registration did not happen."""
+    if staged.folder.exists():
+        shutil.rmtree(staged.folder, ignore_errors=True)
+
+
+def _make_read_only(folder: Path) -> None:
+    """Files read-only (an in-place write into ``final/``, which shares them, then fails instead of changing a
+    registered model; the hashes catch what permissions cannot, e.g. writes as root)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
