@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DATA, ROOT, command_line, start_ray, write_result
+from common import DATA, ROOT, command_line, write_result
 
 
 def build_llama(destination: Path, *, hidden: int, layers: int, intermediate: int, seed: int = 0) -> int:
@@ -148,10 +148,15 @@ def causal_job(name: str, model: Path, out: Path, *, method: str, stage: int, st
 
 def run(job: dict[str, Any], memory: ProcMemory) -> dict[str, Any]:
     """Train and export; per rank: peak RSS over the run, and rank 0's growth while exporting."""
+    import ray
+
     from orchestrator.cluster.launcher import run_training
     from orchestrator.config import config_from_dict
     from orchestrator.tracking import read_metrics
 
+    if not ray.is_initialized():
+        # With the dashboard: Ray Train's placement-group cleaner asks the state API whether the controller lives.
+        ray.init(num_cpus=(os.cpu_count() or 2) + 1, include_dashboard=None, log_to_driver=False)
     started = time.time()
     result = run_training(config_from_dict(job))
     ended = time.time()
@@ -164,6 +169,9 @@ def run(job: dict[str, Any], memory: ProcMemory) -> dict[str, Any]:
         "name": job["name"],
         "params_total": start["params_total"],
         "peak_rss_mb": [memory.peak(pid, started, ended) for pid in pids],
+        # Split at the start record (written once the engine is built) and at the export's start.
+        "peak_load_mb": [memory.peak(pid, started, start["time"]) for pid in pids],
+        "peak_train_mb": [memory.peak(pid, start["time"], export["export/started"]) for pid in pids],
         "vm_hwm_mb": [memory.hwm.get(pid, 0.0) for pid in pids],
         "rank0_at_export_start_mb": memory.at(pids[0], export["export/started"]),
         "rank0_export_peak_mb": memory.peak(pids[0], export["export/started"], export["time"]),
@@ -186,7 +194,8 @@ def main() -> None:
     big, mid = args.models / "llama-1b-bf16", args.models / "llama-0.3b-bf16"
     psi_big = build_llama(big, hidden=2048, layers=16, intermediate=5632)
     psi_mid = build_llama(mid, hidden=1024, layers=16, intermediate=2816)
-    start_ray()
+    import ray
+
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, ProcMemory() as memory:
         tiny = make_tiny_model(Path(tmp) / "tiny-llama", "llama")
@@ -199,6 +208,7 @@ def main() -> None:
             job = causal_job(f"z3mem-{key}-{stamp}", model, Path(tmp), method=method, stage=stage, steps=args.steps,
                              shard=args.shard)
             runs[key] = run(job, memory)
+            ray.shutdown()  # a fresh cluster per arm: nothing of one arm's run lingers into the next
             print(key, runs[key], flush=True)
     summary = summarize(runs, psi_big=psi_big, psi_mid=psi_mid, shard_bytes=_size(args.shard))
     write_result(args.out, {"command": command_line(), "runs": runs, "summary": summary,
@@ -223,6 +233,9 @@ def summarize(runs: dict[str, Any], *, psi_big: int, psi_mid: int, shard_bytes: 
         if key in runs:
             base = runs[tiny_key]["peak_rss_mb"]
             out[f"{key}_ratio_per_rank"] = [(p - b) / fp32 for p, b in zip(runs[key]["peak_rss_mb"], base)]
+            for phase in ("load", "train"):
+                out[f"{key}_{phase}_ratio_per_rank"] = [
+                    (p - b) / fp32 for p, b in zip(runs[key][f"peak_{phase}_mb"], runs[tiny_key][f"peak_{phase}_mb"])]
     # ZeRO paper, fp32 on CPU as DeepSpeed runs it: 4Ψ/N weights + 16Ψ/N gradients, moments and fp32 partition.
     out["full_z3_paper_model_states_mb"] = 20 * psi_mid / 2 / mb
     out["full_z3_paper_plus_block_mb"] = out["full_z3_paper_model_states_mb"] + fp32_mid / 16

@@ -208,6 +208,9 @@ class Tracker:
             failure = f"W&B could not start ({mode}): {_describe(exc)}"
         if mode == "online":
             try:
+                import wandb
+
+                wandb.teardown()  # else the failed online run keeps its id "in use" and the offline one is refused
                 run = _wandb_init(config, self.run_dir, "offline")
             except Exception as exc:
                 failure += f"; offline neither: {_describe(exc)}"

@@ -120,6 +120,8 @@ def test_zero3_buckets_are_sized_from_the_model_width_and_overrides_still_win() 
     assert zero["reduce_bucket_size"] == 384 * 384
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 384 * 384)
     assert zero["stage3_param_persistence_threshold"] == 3840
+    # What stays gathered between uses: about a block (DeepSpeed's 1e9 default kept a 1B model whole on every rank).
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 14 * 384 * 384
 
     stage2 = build_deepspeed_config(job(deepspeed={"stage": 2}), world_size=2, precision="fp32", hidden_size=384)
     assert "reduce_bucket_size" not in stage2["zero_optimization"]  # DeepSpeed's ZeRO-2 buckets are lazy

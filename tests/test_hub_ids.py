@@ -199,8 +199,9 @@ def test_a_job_on_a_hub_id_trains_and_exports(hf_home: Path, shared_data: Path, 
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job))
 
-    run = subprocess.run([ORCHESTRATOR, "train", str(config)], capture_output=True, text=True,
-                         env=offline_env(hf_home), timeout=540)
+    run = subprocess.run(
+        [ORCHESTRATOR, "train", str(config)], capture_output=True, text=True, env=offline_env(hf_home), timeout=540
+    )
 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     final = tmp_path / "runs" / "hub-gpt2" / "final"

@@ -206,12 +206,12 @@ def test_orchestrator_submit_follows_logs_and_fails_loudly(ray_head, tiny_models
     )
     output = ok.stdout + ok.stderr
     assert ok.returncode == 0, output[-4000:]
-    assert "WANDB_API_KEY set here: not sent" in output
     # What the cluster keeps and serves about the job (the client's own output is masked, so it proves nothing).
     job_id = re.search(r"submitted (\S+) to ", output).group(1)
     served = served_job_records(ray_head, job_id)
     assert "WANDB_MODE" in served["get_job_info"]  # the runtime env is in what was searched
     assert [where for where, text in served.items() if planted in text] == []
+    assert "WANDB_API_KEY set here: not sent" in output
     assert (tmp_path / "runs" / "submitted" / "final" / "config.json").is_file()
 
     bad = subprocess.run(

@@ -141,27 +141,21 @@ def test_unreachable_wandb_turns_the_run_offline_within_seconds(
 
 
 # --------------------------------------------------------------------------------------------- the Tracker
-def _fail_online(real_init: Any) -> Any:
-    def init(**kwargs: Any) -> Any:
-        if kwargs.get("mode") == "online":
-            from wandb.errors import CommError
-
-            raise CommError("context deadline exceeded")
-        return real_init(**kwargs)
-
-    return init
+def _ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The orchestrator's log records (wandb logs its own errors too, depending on its state)."""
+    return [r for r in caplog.records if r.name.startswith("orchestrator")]
 
 
 def _warnings(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir) if r["kind"] == "warning"]
 
 
-def test_a_tracker_that_cannot_start_online_logs_offline_and_says_how_to_sync(
-    tiny_models, shared_data, tmp_path, monkeypatch, caplog
+def test_a_tracker_whose_key_the_server_refuses_logs_offline_and_says_how_to_sync(
+    refusing_wandb, tiny_models, shared_data, tmp_path, monkeypatch, caplog
 ):
-    import wandb
-
-    monkeypatch.setattr(wandb, "init", _fail_online(wandb.init))
+    """The real wandb.init against a W&B that answers 401 (a revoked key): it fails in about a second."""
+    monkeypatch.setenv("WANDB_API_KEY", secrets.token_hex(20))
+    monkeypatch.setenv("WANDB_BASE_URL", refusing_wandb)
     config = config_from_dict(_job(tiny_models, shared_data, tmp_path, "online"))
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="orchestrator"):
@@ -171,10 +165,10 @@ def test_a_tracker_that_cannot_start_online_logs_offline_and_says_how_to_sync(
         tracker.finish()
     assert tracker.wandb_path is None  # finished
     assert [r["step"] for r in read_metrics(run_dir) if r["kind"] == "train"] == [1, 2]
-    assert len(caplog.records) == 1
-    assert "W&B could not start (online): CommError: context deadline exceeded; logging offline" in caplog.text
+    assert len(_ours(caplog)) == 1
+    assert "W&B could not start (online): CommError: " in caplog.text and "; logging offline instead" in caplog.text
     assert f"`wandb sync {run_dir / 'wandb'}/offline-run-*`" in caplog.text
-    assert [w["message"] for w in _warnings(run_dir)] == [caplog.records[0].getMessage()]
+    assert [w["message"] for w in _warnings(run_dir)] == [_ours(caplog)[0].getMessage()]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
@@ -195,7 +189,7 @@ def test_a_tracker_whose_wandb_cannot_start_at_all_still_writes_every_record(
         tracker.summary({"best": 1.0})
         tracker.finish()
     assert [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"] == [1, 2, 3]
-    assert len(caplog.records) == 1 and "training goes on without W&B" in caplog.text
+    assert len(_ours(caplog)) == 1 and "training goes on without W&B" in caplog.text
 
 
 class _RunThatGoesAway:
@@ -233,7 +227,7 @@ def test_a_tracker_whose_wandb_goes_away_mid_run_warns_once_and_keeps_writing(
         tracker.finish()
     assert run.calls == ["log 1", "log 2"]  # no call after it failed (a finish could block on a dead service)
     assert [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert len(caplog.records) == 1
+    assert len(_ours(caplog)) == 1
     assert "W&B failed at step 2 (log: ConnectionResetError: Connection lost); training goes on" in caplog.text
     assert len(_warnings(tmp_path / "run")) == 1
 

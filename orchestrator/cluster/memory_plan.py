@@ -9,8 +9,8 @@ which Ψt train, N workers and AdamW:
   partition of the trainable weights, 4Ψt/N (measured: benchmarks/zero.py matches these to within 1%).
 
 ``offload_optimizer`` moves the master copy, moments and (ZeRO 2-3) gradient partitions to host memory,
-``offload_params`` (ZeRO-3) the weight partitions too. Under ZeRO-3 a worker also holds the block being computed,
-gathered whole, and DeepSpeed's prefetch bucket (0.9 d² elements).
+``offload_params`` (ZeRO-3) the weight partitions too. Under ZeRO-3 a worker also holds what is being computed,
+gathered whole (a block, or the vocabulary matrix when that is larger), and DeepSpeed's prefetch bucket (0.9 d²).
 
 Activations of one micro-batch (b sequences of s tokens, width h, L blocks, a heads, vocabulary V) follow
 Korthikanti et al. 2022, scaled to the compute dtype: s·b·h·(34 + 5·a·s/h) bytes a block at 2 bytes an element
@@ -41,7 +41,7 @@ class ModelShape:
     layers: int
     heads: int
     vocab: int
-    largest_block: int  # parameters of one block
+    largest_block: int  # parameters gathered whole at once under ZeRO-3: a block, or the vocabulary matrix
 
     @classmethod
     def for_job(cls, config: JobConfig, hf_config: Any) -> ModelShape:
@@ -56,7 +56,9 @@ class ModelShape:
         with torch.device("meta"):
             model = auto.from_config(hf_config)
             _, blocks = find_blocks_module(model)
-            largest_block = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+            # What ZeRO-3 gathers whole at a time: a block, or the vocabulary matrix (embeddings, LM head) if larger.
+            largest_block = max(max(sum(p.numel() for p in block.parameters()) for block in blocks),
+                                max(p.numel() for p in model.parameters()))
             if config.method == "lora":
                 from peft import get_peft_model
 

@@ -302,10 +302,10 @@ def _load_partitioned(
     grown_from: list[str] | None = None,
 ) -> Any:
     """Build the model partitioned, stream the checkpoint in, initialise what it lacks (a new or grown head)."""
-    from orchestrator.models.zero3_loading import freed_memory_returned
+    from orchestrator.models.zero3_loading import return_large_frees_to_the_os
 
-    with freed_memory_returned():
-        return _build_and_stream(auto_class, path, zero3_config, kwargs, labels=labels, grown_from=grown_from)
+    return_large_frees_to_the_os()  # for the rest of this ZeRO-3 worker's life: see the function
+    return _build_and_stream(auto_class, path, zero3_config, kwargs, labels=labels, grown_from=grown_from)
 
 
 def _build_and_stream(

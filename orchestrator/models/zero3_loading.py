@@ -20,7 +20,6 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +173,14 @@ def initialize_missing(model: Any, loaded: set[str]) -> list[str]:
     initialised, rank 0's values broadcast by DeepSpeed); returns their names."""
     import deepspeed
 
-    missing = [(n, p) for n, p in model.named_parameters() if not getattr(p, "_is_hf_initialized", False)]
+    missing = [(n, p) for n, p in model.named_parameters() if n not in loaded]
+    # Building may have initialised (and flagged) everything; what the checkpoint did not hold is initialised again
+    # now, drawing from the generators as from_pretrained does.
+    for module in model.modules():
+        if any(p is q for _, q in missing for p in module.parameters(recurse=False)):
+            module._is_hf_initialized = False
+    for _, param in missing:
+        param._is_hf_initialized = False
     if missing:
         # Every rank initialises (rank 0's values are kept): each consumes the same random numbers as it would in
         # from_pretrained, so dropout masks and everything seeded after this stay as they are at ZeRO 0-2.
@@ -186,18 +192,17 @@ def initialize_missing(model: Any, loaded: set[str]) -> list[str]:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's own dynamic threshold tops out on 64-bit
 
 
-@contextmanager
-def freed_memory_returned() -> Iterator[None]:
-    """Inside, every allocation over 128 KiB is its own memory mapping, returned to the OS when freed.
+def return_large_frees_to_the_os(threshold: int = 128 * 1024) -> bool:
+    """From now on, every allocation over ``threshold`` bytes is its own memory mapping, returned to the OS when
+    freed; returns False where the C library is not glibc (nothing changes there).
 
-    Building a model partitioned allocates each parameter whole, then frees it for its 1/N partition. glibc's
-    malloc raises its mmap threshold as large blocks are freed (up to 32 MiB), so most of those frees go back to
-    its heap, where they stay resident (measured on a 0.3B Llama, 2 ranks: 1.47 GB resident after loading a
-    0.5 GB partition, 0.92 GB with this). Afterwards the threshold is set where glibc's dynamic one ends and free
-    heap pages are trimmed. A no-op where the C library is not glibc."""
+    ZeRO-3 allocates and frees whole parameters all the time: once each while the model is built partitioned, then
+    at every gather in forward and backward. glibc's malloc raises its mmap threshold as large blocks are freed (up
+    to 32 MiB), so most of those frees go back to its heap and stay resident: measured on a 0.3B Llama, 2 ranks,
+    1.47 GB resident after loading a 0.5 GB partition, 0.92 GB with this; on a 1B Llama the resident size grew by
+    a gigabyte a step in training without it. A fixed threshold turns glibc's adjustment off for this process."""
     import ctypes
     import ctypes.util
 
@@ -205,16 +210,11 @@ def freed_memory_returned() -> Iterator[None]:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
-        yield
-        return
-    mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-    try:
-        yield
-    finally:
-        mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
-        mallopt(M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX)
-        malloc_trim(0)
+        return False
+    mallopt(M_MMAP_THRESHOLD, threshold)
+    mallopt(M_TRIM_THRESHOLD, threshold)
+    malloc_trim(0)
+    return True
 
 
 def build_partitioned(auto_class: Any, hf_config: Any, ds_config: dict[str, Any], **kwargs: Any) -> Any:

@@ -9,13 +9,11 @@ Everything that hooks into steps is a callback (``orchestrator.train.callbacks``
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -72,6 +70,7 @@ from orchestrator.train.unfreezing import (
     layered_param_groups,
 )
 from orchestrator.train.weight_anchor import WeightAnchor
+from orchestrator.train.worker_env import quiet_libraries, set_seed, worker_places
 
 logger = logging.getLogger(__name__)
 
@@ -85,54 +84,6 @@ class MicroBatch:
     samples: int = 0  # over all workers
     tokens: int = 0  # real (non-padding) tokens, over all workers
     extra: dict[str, float] = field(default_factory=dict)
-
-
-def _quiet_libraries() -> None:
-    """Keep worker logs to what a user needs: our progress lines and real warnings/errors.
-
-    Unless ``ORCHESTRATOR_VERBOSE`` (``-v``) is set, also notices a user cannot act on: torch's FutureWarnings
-    about deprecated ``torch.distributed`` names (which DeepSpeed calls, once per worker), and Ray Train's
-    "Reporting training result ..." line (every report's metrics, once per rank).
-    """
-    import warnings
-
-    import transformers
-
-    from orchestrator.tracking import verbose_output
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("ray.train", "deepspeed", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if verbose_output():
-        return
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    try:  # Ray Train V2 names this logger after its file, so the "ray.train" level above does not reach it
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray version: its line stays
-        return
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
-def worker_places(world_size: int) -> list[tuple[Any, int]]:
-    """(Ray node id, process id) of each rank, in rank order (placement checks, multi-node debugging, per-rank
-    memory read from /proc by the benchmarks); collective: every rank calls."""
-    import os
-
-    import ray
-
-    here = (ray.get_runtime_context().get_node_id(), os.getpid())
-    places: list[Any] = [here]
-    if dist.is_available() and dist.is_initialized():
-        places = [None] * world_size
-        dist.all_gather_object(places, here)
-    return [tuple(p) for p in places]
-
-
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 class TrainRecipe:
@@ -187,7 +138,7 @@ class TrainRecipe:
         import ray.train
         import ray.train.torch
 
-        _quiet_libraries()
+        quiet_libraries()
         self.setup_times["imports_done"] = time.time()
         self.memory_at_start = memory_mb(torch.device("cpu"))["memory/peak_rss_mb"]  # before the model exists
         context = ray.train.get_context()
@@ -197,7 +148,7 @@ class TrainRecipe:
         self.device_type = "cuda" if self.device.type == "cuda" else "cpu"
         self.precision = resolve_precision(self.config.deepspeed.precision, self.device_type)
         # Same seed on every rank: a new classification head must start identical everywhere.
-        _set_seed(self.config.training.seed)
+        set_seed(self.config.training.seed)
 
     def _setup_model(self) -> None:
         """Tokenizer, pretrained model (partitioned across the workers from the start under ZeRO-3), method."""

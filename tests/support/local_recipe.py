@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from orchestrator.train.recipe import TrainRecipe, _set_seed
+from orchestrator.train.recipe import TrainRecipe
+from orchestrator.train.worker_env import set_seed
 
 
 class LocalRecipe(TrainRecipe):
@@ -29,7 +30,7 @@ class LocalRecipe(TrainRecipe):
         self.device = torch.device("cpu")
         self.device_type = "cpu"
         self.precision = "fp32"
-        _set_seed(self.config.training.seed)
+        set_seed(self.config.training.seed)
 
     def _find_checkpoint(self) -> None:
         self.start_checkpoint, self.inherited, self.saved = None, False, None
