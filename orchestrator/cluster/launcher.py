@@ -160,7 +160,8 @@ def run_training(
         if config.output.registry:
             from orchestrator.lifecycle.run_registration import register_run
 
-            record = register_run(config, train_result, checked)
+            # The checked config: what the run used (W&B may have fallen back to offline in preflight).
+            record = register_run(checked.config, train_result, checked)
             train_result.model_id = record.id if record is not None else None
     return train_result
 

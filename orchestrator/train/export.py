@@ -43,6 +43,10 @@ def export_hf_folder(
     a merged model) for LoRA, only the student for distillation."""
     module = engine.module
     weights = WeightStream(module, is_rank0=is_rank0)
+    if weights.partitioned:
+        # ZeRO-3 may still be prefetching parameters for the next forward (an eval just ran): settle them, or the
+        # export's own gathers find a parameter in flight ("Cannot partition a param in flight").
+        engine.empty_partition_cache()
     staging: Path | None = None
     if is_rank0:
         destination.parent.mkdir(parents=True, exist_ok=True)

@@ -473,6 +473,8 @@ class TrainRecipe:
         """``best/`` from the snapshot of the best evaluation, once training is over (final weights exported and
         checkpointed already). A restart after the best step lost its snapshot: then it says so."""
         if self.best_snapshot is not None and self.best_snapshot.step is not None:
+            if self.engine.zero_optimization_partition_weights():
+                self.engine.empty_partition_cache()  # no parameter in flight while partitions are written back
             self.best_snapshot.restore()
             self.export("best", self.best_snapshot.metrics or {})
         elif self.config.output.save_best and self.state.best_step is not None and self.rank == 0:
