@@ -4,13 +4,8 @@ against the job.
 The expressions are parsed in :mod:`orchestrator.config.distributions` (re-exported here). Each dotted
 path is checked against the job itself: every choice/grid value and both ends of every range are applied
 with :func:`orchestrator.config.config_from_dict`, so an unknown field or a value the job refuses is
-reported as ``tune.search_space.<path>`` before any cluster resources are taken.
-
-Example:
-    >>> parse_expression("loguniform(1e-5, 1e-3)")
-    Distribution(kind='loguniform', args=(1e-05, 0.001))
-    >>> parse_expression("choice([none, gradual])").candidates()
-    ['none', 'gradual']
+reported as ``tune.search_space.<path>`` before any cluster resources are taken (examples of the
+expressions: :mod:`orchestrator.config.distributions`).
 """
 
 from __future__ import annotations
