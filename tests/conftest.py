@@ -50,9 +50,40 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Any:
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real S3 endpoint (moto's standalone server on 127.0.0.1, authentication on) for the whole session.
+
+    Its standard AWS variables are put in this process's environment before the Ray cluster starts, so Ray's
+    workers see them as a cluster's nodes see theirs (secrets from the node environment, never in a config).
+    """
+    from tests.support.s3_server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket for one test: ``s3://<name>``."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{len(s3_server.buckets)}"
+    return "s3://" + s3_server.create_bucket(name)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: Any) -> Any:
     """One local Ray cluster for every test that trains (start-up is paid once). 4 logical CPUs on
-    2 cores, so a 2-worker job and its controller always fit."""
+    2 cores, so a 2-worker job and its controller always fit. Started after the S3 server so its workers
+    have the endpoint and credentials in their environment."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
