@@ -164,7 +164,7 @@ def hf_trainer_worker(variant: str, model_dir: Path, corpus: Path, args: argpars
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from orchestrator.data.readers import end_of_text_id, pack_token_stream
+    from orchestrator.data.encoding import end_of_text_id
     from orchestrator.models.loading import load_tokenizer
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
@@ -179,7 +179,9 @@ def hf_trainer_worker(variant: str, model_dir: Path, corpus: Path, args: argpars
         tokens += sum(len(i) + 1 for i in ids)
         if tokens > needed:
             break
-    blocks = pack_token_stream(documents, block_size=args.seq, eos_id=end_of_text_id(tokenizer))
+    # The baseline's own packing, as HF's run_clm does it (group_texts): documents joined with EOS, cut into blocks.
+    stream = np.fromiter((t for doc in documents for t in [*doc, end_of_text_id(tokenizer)]), dtype=np.int32)
+    blocks = stream[: len(stream) // args.seq * args.seq].reshape(-1, args.seq)
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self) -> int:

@@ -7,10 +7,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
+import orchestrator.storage as storage
 from orchestrator.cli_output import console, err_console
 from orchestrator.cli_output import fail as _fail
 from orchestrator.config import json_schema, load_config
@@ -19,6 +21,9 @@ from orchestrator.registry_commands import registry_app
 from orchestrator.terminal import ProgressView as _ProgressView
 from orchestrator.terminal import logs_hint, ray_logs_dir
 from orchestrator.tracking import SECRETS_FILE_ENV, VERBOSE_ENV
+
+if TYPE_CHECKING:
+    from orchestrator.lifecycle.quantization import QuantizeResult
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Distributed training orchestrator for derived models."
@@ -80,7 +85,7 @@ def train(
     table.add_row("best model", str(result.best_model or "-"))
     table.add_row("checkpoint", str(result.checkpoint_path or "-"))
     table.add_row("W&B", str(result.wandb or "disabled"))
-    table.add_row("metrics", str(result.run_dir / "metrics.jsonl"))
+    table.add_row("metrics", storage.join(str(result.run_dir), "metrics.jsonl"))  # a URI for a bucket's run
     table.add_row("Ray logs", ray_logs_dir() or "-")  # every worker's output, which -v shows while it runs
     skipped = result.data.get("train", {}).get("bad_rows_skipped", 0)
     if skipped:
@@ -205,18 +210,80 @@ def submit(
 
 @app.command()
 def predict(
-    model_dir: Path = typer.Argument(..., help="An exported model folder (<run>/final or <run>/best)."),
-    texts: list[str] = typer.Argument(..., help="Texts to classify."),
+    # A str, not a Path: Path("s3://bucket/x") would fold the URI's "//" into "s3:/bucket/x".
+    model_dir: str = typer.Argument(..., help="An exported model folder (<run>/final or <run>/best), or its URI."),
+    texts: list[str] = typer.Argument(..., help="Texts to classify, or prompts for a causal LM."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Causal LM: most tokens per answer."),
 ) -> None:
-    """Classify texts with an exported model and print label names with probabilities."""
+    """Classify texts with an exported classifier and print label names with probabilities; with a causal LM,
+    print each text's greedy answer (a chat model reads each text as a user turn)."""
+    from orchestrator.models.predict import generate, generates_text
     from orchestrator.models.predict import predict as run_predict
 
     try:
+        if generates_text(model_dir):
+            answers = generate(model_dir, texts, max_new_tokens=max_new_tokens)
+            for text, answer in zip(texts, answers):
+                console.print(f"{text}\n  -> {answer}", highlight=False, markup=False)
+            return
         predictions = run_predict(model_dir, texts)
     except OrchestratorError as exc:
         _fail(str(exc))
     for text, (label, probability) in zip(texts, predictions):
         console.print(f"{label:>12}  {probability:.3f}  {text}", highlight=False, markup=False)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(
+        ..., help="An exported model folder (<run>/final), its s3:// or gs:// URI, or a registered model's id or name."
+    ),
+    out: str = typer.Option(..., "--out", "-o", help="New folder (or URI) for the quantized model."),
+    method: str = typer.Option("int8-dynamic", "--method", help="int8-dynamic (int8 weights and activations) or "
+                               "int8-weight (int8 weights only: smaller, not faster on CPU)."),  # fmt: skip
+    embeddings: str = typer.Option(
+        "auto", "--embeddings", help="Input embedding: auto (int8 for classifiers, fp32 for causal LMs), int8, fp32."
+    ),
+    registry: Path = typer.Option(
+        None, "--registry", "-r", envvar="ORCHESTRATOR_REGISTRY",
+        help="Registry (default: the one the model is registered in; runs/registry.sqlite for a model id).",
+    ),  # fmt: skip
+    name: str = typer.Option(None, "--name", help="Registry name of the result (default <source name>-<method>)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Torch threads for scoring and timing both models."),
+) -> None:
+    """Quantize a trained model on CPU (torchao int8), score it against its source on the source's eval sets (same
+    process, same threads), write its model card and register it with the source as parent (method quantize)."""
+    from orchestrator.lifecycle.quantization import quantize_model
+
+    try:
+        result = quantize_model(
+            model, out, method=method, embeddings=embeddings, registry=registry, name=name, threads=threads
+        )
+    except OrchestratorError as exc:
+        _fail(str(exc))
+    console.print(_quantize_table(result))
+
+
+def _quantize_table(result: QuantizeResult) -> Table:
+    """The quantized model's scores beside its source's, size and latency ratios, where it went."""
+    summary = result.metrics["quantize"]
+    table = Table(title=f"quantized {result.source} ({summary['method']})")
+    for column in ("", "parent", "quantized", "ratio / delta"):
+        table.add_column(column, overflow="fold")
+    for eval_set, values in result.metrics["eval"].items():
+        before = summary["parent_eval"].get(eval_set, {})
+        for metric in ("accuracy", "f1_macro", "exact_match", "perplexity", "loss"):
+            if metric in values:
+                old, new = before.get(metric, float("nan")), values[metric]
+                table.add_row(f"{eval_set}/{metric}", f"{old:.4f}", f"{new:.4f}", f"{new - old:+.4f}")
+    w, t = summary["weight_bytes"], summary["latency_s"]
+    table.add_row("weight bytes", f"{w['parent']:,}", f"{w['quantized']:,}", f"{w['ratio']:.3f}x")
+    latency = f"s per batch of {summary['latency_batch']} ({summary['threads']} threads)"
+    table.add_row(latency, f"{t['parent']:.4f}", f"{t['quantized']:.4f}", f"{t['ratio']:.3f}x")
+    record = result.record
+    table.add_row("registered", record.id if record else "no (the source is in no registry; pass --registry)", "", "")
+    table.add_row("model", result.out, "", "")
+    return table
 
 
 @app.command()

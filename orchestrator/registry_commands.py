@@ -85,7 +85,8 @@ def registry_show(
     registry: Path = RegistryOption,
     as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON (config included)."),
 ) -> None:
-    """Show one model: lineage, data with hashes, metrics per eval set, artifact, code version, decision."""
+    """Show one model: its model card (the README.md its folder carries), then the registry's record: lineage,
+    data with hashes, metrics per eval set, artifact, code version, decision."""
     from orchestrator.lifecycle.registry_records import RegistryError
 
     reg = _open_registry(registry)
@@ -96,6 +97,9 @@ def registry_show(
     if as_json:
         sys.stdout.write(json.dumps(m.to_dict(), indent=2, default=str) + "\n")
         return
+    from orchestrator.lifecycle.model_card import card_of_record
+
+    console.print(card_of_record(m, reg).content, markup=False, highlight=False, soft_wrap=True)
     table = Table(title=m.id, show_header=False)
     rows = [
         ("status", m.status),
@@ -179,12 +183,14 @@ def registry_promote(
 ) -> None:
     """Make a model the champion of its name (the current champion is archived)."""
     from orchestrator.lifecycle.registry_records import RegistryError
+    from orchestrator.lifecycle.wandb_lineage import record_decision
 
     reg = _open_registry(registry)
     try:
         record = reg.promote(model_id, reason)
     except RegistryError as exc:
         _fail(str(exc))
+    record_decision(reg, record.id)  # W&B: champion + production move to it (a warning if W&B fails)
     console.print(f"{record.id} is now the champion of {record.name}")
 
 
@@ -196,12 +202,14 @@ def registry_rollback(
 ) -> None:
     """Restore the previous champion; the current one is archived."""
     from orchestrator.lifecycle.registry_records import RegistryError
+    from orchestrator.lifecycle.wandb_lineage import record_decision
 
     reg = _open_registry(registry)
     try:
         restored, demoted = reg.rollback(name, reason)
     except RegistryError as exc:
         _fail(str(exc))
+    record_decision(reg, restored.id)  # W&B: champion back on it, rolled-back on the demoted one
     console.print(f"{restored.id} is the champion of {restored.name} again ({demoted.id} archived)")
 
 

@@ -18,12 +18,13 @@ Every failure a user can cause (no such bucket or key, wrong credentials, an end
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -253,6 +254,11 @@ def exists(path: str | os.PathLike[str]) -> bool:
         return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
+def is_file(path: str | os.PathLike[str]) -> bool:
+    """A file (an object, for object stores) is at ``path``; ``~`` is expanded for local paths."""
+    return stat(path) is not None
+
+
 def is_dir(path: str | os.PathLike[str]) -> bool:
     import pyarrow.fs as pafs
 
@@ -368,7 +374,8 @@ def download(source: str | os.PathLike[str], local: str | os.PathLike[str]) -> P
         kind = fs.get_file_info(inner).type
         if kind == pafs.FileType.NotFound:
             raise FileNotFoundError(inner)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        # A folder's own root too: copy_files makes only the subfolders it lists, so a flat folder had none.
+        (target if kind == pafs.FileType.Directory else target.parent).mkdir(parents=True, exist_ok=True)
         pafs.copy_files(
             inner, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(), use_threads=True
         )
@@ -393,7 +400,9 @@ def node_lock(name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def local_copy(path: str | os.PathLike[str], *, expect_version: str | None = None) -> Path:
+def local_copy(
+    path: str | os.PathLike[str], *, expect_version: str | None = None, skip: Sequence[str] = ()
+) -> Path:
     """A local path with the content of ``path``: the path itself when local; for a URI, a copy in this node's
     cache, downloaded once per node (the ranks of a node take a lock; the first downloads, the others reuse it),
     keyed by the URI and the object's version (size + modification time), so a rewritten object is fetched anew.
@@ -402,6 +411,8 @@ def local_copy(path: str | os.PathLike[str], *, expect_version: str | None = Non
         path: a local path or a file/folder URI.
         expect_version: the :attr:`Entry.version` the driver saw; a different one now is an error (the object
             changed after the job scanned it), so every rank trains on the same bytes.
+        skip: for a folder, ``fnmatch`` patterns of the relative paths left out (a model's weights, when only its
+            config and tokenizer are read); a copy with other patterns is another copy.
     """
     if not is_uri(path):
         return Path(normalize(path))
@@ -409,13 +420,15 @@ def local_copy(path: str | os.PathLike[str], *, expect_version: str | None = Non
     entry = stat(uri)
     if entry is None and not is_dir(uri):
         raise StorageError(f"{uri}: no such file or object; check the path (keys are case-sensitive)")
-    version = entry.version if entry else "dir:" + ",".join(e.version for e in list_files(uri))
+    files = [] if entry else [e for e in list_files(uri) if not _skipped(e.path[len(uri) + 1 :], skip)]
+    version = entry.version if entry else "dir:" + ",".join(e.version for e in files)
     if expect_version is not None and version != expect_version:
         raise StorageError(
             f"{uri}: the object changed after the job scanned it (version {expect_version} then, {version} now); "
             "keep inputs unchanged while a job runs, and start the job again"
         )
-    key = hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:24]
+    skipped = f"\n{sorted(skip)}" if skip else ""  # a copy without some files is another copy
+    key = hashlib.sha256(f"{uri}\n{version}{skipped}".encode()).hexdigest()[:24]
     target = cache_root() / "remote" / f"{key}-{name_of(uri)}"
     if target.exists():
         return target
@@ -424,11 +437,21 @@ def local_copy(path: str | os.PathLike[str], *, expect_version: str | None = Non
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))  # same disk: the rename is atomic
             try:
-                fetched = download(uri, staging / name_of(uri))
+                fetched = staging / name_of(uri)
+                if skip and not entry:
+                    for e in files:
+                        download(e.path, fetched / e.path[len(uri) + 1 :])
+                    fetched.mkdir(exist_ok=True)  # a folder whose files were all skipped
+                else:
+                    download(uri, fetched)
                 os.replace(fetched, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _skipped(relative: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(posixpath.basename(relative), p) for p in patterns)
 
 
 def check(path: str | os.PathLike[str], *, kind: str = "file", write: bool = False) -> None:

@@ -28,13 +28,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orchestrator.storage as storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import OrchestratorError
+from orchestrator.run_outputs import publish_file, restore_file
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
+_PUBLISHED_FILES = (METRICS_FILE, WANDB_ID_FILE)  # what a resume needs back when the scratch is gone
 
 # Environment variables whose values must never reach a log, a saved config, W&B or a job's runtime env.
 SECRET_ENV_VARS = ("WANDB_API_KEY", "RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
@@ -182,9 +185,16 @@ class Tracker:
     driver shows them with the progress, also when the workers' output is not copied to its terminal.
     """
 
-    def __init__(self, config: JobConfig, run_dir: Path, *, enabled: bool):
+    def __init__(self, config: JobConfig, run_dir: Path, *, enabled: bool, publish_to: str | None = None):
+        """Args:
+            run_dir: the local folder written to (the run folder, or its scratch when that is a URI).
+            publish_to: the run folder on a bucket (``orchestrator.run_outputs``): its copies of metrics.jsonl
+                and the W&B run id are the starting point (a resume after the scratch was lost), and
+                :meth:`publish` uploads them there.
+        """
         self.enabled = enabled
         self.run_dir = run_dir
+        self.publish_to = publish_to
         self.wandb_run: Any = None
         self._file = None
         self._lock = threading.Lock()  # warnings may come from other threads
@@ -193,6 +203,9 @@ class Tracker:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if publish_to is not None:
+            for name in _PUBLISHED_FILES:
+                restore_file(storage.join(publish_to, name), run_dir / name)
         self._file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         self._warnings = _WarningRecords(self)
         logging.getLogger("orchestrator").addHandler(self._warnings)
@@ -264,12 +277,40 @@ class Tracker:
         if self.enabled:
             self._wandb("summary", lambda run: run.summary.update(values))
 
+    def publish(self) -> None:
+        """Upload metrics.jsonl and the W&B run id to the run folder on the bucket (no-op for a local run).
+
+        Called at every eval and checkpoint and at the end, so a driver or node lost mid-run loses at most one
+        interval of records. A failed upload is a warning: the next one carries every record again.
+        """
+        if not self.enabled or self.publish_to is None:
+            return
+        with self._lock:  # no record half-written into the copy
+            if self._file is not None:
+                self._file.flush()
+            try:
+                for name in _PUBLISHED_FILES:
+                    if (self.run_dir / name).is_file():
+                        publish_file(self.run_dir / name, storage.join(self.publish_to, name))
+            except OSError as exc:
+                failure: OSError | None = exc
+            else:
+                failure = None
+        if failure is not None:
+            logger.warning("metrics not uploaded at step %d (%s); the next upload carries them", self._step, failure)
+
     def finish(self) -> None:
         self._wandb("finish", lambda run: run.finish())
         self.wandb_run = None
         if self._warnings is not None:
             logging.getLogger("orchestrator").removeHandler(self._warnings)
             self._warnings = None
+        self.publish()
+        if self.enabled and self.publish_to is not None and (self.run_dir / "wandb").is_dir():
+            try:  # offline W&B runs, for a later `wandb sync` from anywhere
+                storage.upload(self.run_dir / "wandb", storage.join(self.publish_to, "wandb"))
+            except OSError as exc:
+                logger.warning("the W&B folder %s was not uploaded (%s)", self.run_dir / "wandb", exc)
         with self._lock:
             if self._file is not None:
                 self._file.close()
@@ -330,12 +371,13 @@ def _describe(exc: BaseException) -> str:
     return redact_secrets(f"{type(exc).__name__}: {text}"[:300])
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
-    if not path.exists():
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl: a local run folder's, or the copy on the bucket for a URI."""
+    path = storage.join(str(run_dir), METRICS_FILE)
+    if not storage.exists(path):
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -13,7 +13,7 @@ import yaml
 from orchestrator.cluster.preflight import preflight
 from orchestrator.config import load_config
 from orchestrator.config.retrain import is_retrain_file, load_retrain
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED_DATA
 
 
 def yaml_files(root: Path) -> list[Path]:
@@ -27,7 +27,8 @@ ORCHESTRATOR = str(Path(sys.executable).with_name("orchestrator"))
 
 def make_prerequisites(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a config's header comment says to make first: distill.yaml's teacher (the quickstart's export, here
-    a copy of MiniLM at the path the quickstart writes), causal_lm.yaml's model (scripts/make_causal_lm.py)."""
+    a copy of MiniLM at the path the quickstart writes), causal_lm.yaml's model (scripts/make_causal_lm.py),
+    sft_chat*.yaml's chat rows and model (scripts/make_chat_data.py)."""
     import shutil
 
     from orchestrator.models.loading import resolve_model_path
@@ -39,6 +40,14 @@ def make_prerequisites(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         from make_causal_lm import build
 
         monkeypatch.setenv("CAUSAL_LM_PATH", str(build(tmp_path / "small-llama", hidden=64, layers=2)))
+    if path.name.startswith("sft_chat"):
+        sys.path.insert(0, str(REPO / "scripts"))
+        from make_chat_data import build_chat_model, convert
+
+        for split in ("train", "test"):
+            convert(SHARED_DATA / "agnews" / f"{split}.tsv", tmp_path / "chat" / f"{split}.jsonl")
+        monkeypatch.setenv("CHAT_DATA_DIR", str(tmp_path / "chat"))
+        monkeypatch.setenv("CHAT_MODEL_PATH", str(build_chat_model(tmp_path / "chat-llama", hidden=64, layers=2)))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])

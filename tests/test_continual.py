@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 
 from orchestrator.cluster.results import TrainResult
 from orchestrator.config.retrain import load_retrain, retrain_from_dict
@@ -285,6 +286,12 @@ def test_two_rounds_warm_start_replay_evaluate_everything_and_gate(tmp_path):
     )
     assert reg.champion("sent").id == v1.id  # the champion stays
     assert [r.status for r in reg.rounds("sent")] == ["succeeded", "skipped", "succeeded"]
+    # The candidate's version folder carries its model card: the round's metrics, new data and registry lineage.
+    card = ModelCard.load(Path(v2.artifact) / "README.md")
+    shown = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert shown == {(s, m): v for s, values in v2.metrics["eval"].items() for m, v in values.items()}
+    assert card.data.license == "apache-2.0" and card.data.base_model == v1.base_model
+    assert f"`{v1.base_model}` -> `{v1.id}` -> " in card.text and second.new_files[0].sha256 in card.text
 
     # The report: every eval set across versions, as CSV, Markdown and PNG.
     files = write_report(reg, "sent", tmp_path / "report")

@@ -9,19 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from orchestrator.budget import batches_per_epoch
 from orchestrator.config import DataConfig
-from orchestrator.data.readers import (
-    Collator,
-    PackedCollator,
-    PackedReader,
-    RowReader,
-    eval_batch_indices,
-    pack_token_stream,
-    train_batch_indices,
-)
+from orchestrator.data.batching import PaddingCollator, pad_token_id
+from orchestrator.data.encoding import make_encoder
+from orchestrator.data.readers import RowReader, eval_batch_indices, train_batch_indices
 from orchestrator.data.sources import PreparedData, prepare_data
 from orchestrator.errors import DataError, ModelError
 
@@ -47,9 +40,13 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 def read_all(prepared_source: Any) -> list[tuple[str, str | None, int]]:
     reader = RowReader(prepared_source)
     try:
-        return [reader.get(i) for i in range(len(prepared_source))]
+        return [as_tuple(reader.get(i)) for i in range(len(prepared_source))]
     finally:
         reader.close()
+
+
+def as_tuple(row: dict[str, Any]) -> tuple[str, str | None, int]:
+    return row["text"], row["text_pair"], row["label"]
 
 
 def raw_lines(path: Path) -> list[str]:
@@ -92,7 +89,7 @@ def test_sst2_row_reader_returns_the_raw_sentence_and_label(sst2: PreparedData) 
 
     for i in (0, 1, 12_345, len(sst2.train) - 1):
         sentence, label = lines[i + 1].split("\t")  # +1: the header line
-        text, pair, label_id = reader.get(i)
+        text, pair, label_id = as_tuple(reader.get(i))
         assert text == sentence  # kept as distributed, trailing space included
         assert pair is None
         assert sst2.label_names[label_id] == label
@@ -118,11 +115,11 @@ def test_agnews_text_with_html_escapes_and_quotes_survives(agnews: PreparedData)
 
     for i in (0, with_escape, with_quotes, len(lines) - 1):
         raw_text, raw_label = lines[i].split("\t")
-        text, _, label_id = reader.get(i)
+        text, _, label_id = as_tuple(reader.get(i))
         assert text == raw_text  # tsv has no quoting: quotes and escapes are part of the text
         assert agnews.label_names[label_id] == raw_label
-    assert "#39;" in reader.get(with_escape)[0]
-    assert '""' in reader.get(with_quotes)[0]
+    assert "#39;" in reader.get(with_escape)["text"]
+    assert '""' in reader.get(with_quotes)["text"]
     reader.close()
 
 
@@ -445,7 +442,7 @@ def test_eval_batches_weight_every_row_exactly_once(n: int, world: int, batch: i
 
 
 # --------------------------------------------------------------------------------------------------
-# Collator (real MiniLM tokenizer)
+# Collation of encoded rows (real MiniLM tokenizer; packing and the token cache: test_batching.py, test_token_cache.py)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -459,10 +456,18 @@ def tokenizer() -> Any:
         pytest.skip(f"MiniLM is not installed: {exc}")
 
 
+def collate(tokenizer: Any, rows: list[tuple[str, str | None, int]], *, task: str, max_length: int) -> Any:
+    """Rows encoded as the token cache encodes them, then collated as training does."""
+    data = DataConfig.model_validate({"train": {"path": "rows.tsv"}, "max_length": max_length})
+    encoder = make_encoder(data.train, data, tokenizer, task=task)
+    examples = [encoder.encode({"text": text, "text_pair": pair, "label": label}) for text, pair, label in rows]
+    return PaddingCollator(pad_token_id(tokenizer), task=task)(examples)
+
+
 def test_collator_pads_to_the_longest_row_of_the_batch(tokenizer: Any) -> None:
     rows = [("a short one", None, 1), ("a much longer sentence than the other one in this batch", None, 0)]
 
-    batch = Collator(tokenizer, task=CLASSIFY, max_length=128)(rows)
+    batch = collate(tokenizer, rows, task=CLASSIFY, max_length=128)
 
     longest = len(tokenizer(rows[1][0])["input_ids"])
     shortest = len(tokenizer(rows[0][0])["input_ids"])
@@ -472,16 +477,17 @@ def test_collator_pads_to_the_longest_row_of_the_batch(tokenizer: Any) -> None:
     assert set(batch["input_ids"][0, shortest:].tolist()) == {tokenizer.pad_token_id}
     assert batch["labels"].tolist() == [1, 0]
     assert str(batch["labels"].dtype) == "torch.int64"
+    assert batch.real_tokens == longest + shortest
 
 
 def test_collator_truncates_to_max_length(tokenizer: Any) -> None:
-    batch = Collator(tokenizer, task=CLASSIFY, max_length=8)([("word " * 50, None, 0)])
+    batch = collate(tokenizer, [("word " * 50, None, 0)], task=CLASSIFY, max_length=8)
 
     assert tuple(batch["input_ids"].shape) == (1, 8)
 
 
 def test_collator_encodes_text_pairs_as_two_segments(tokenizer: Any) -> None:
-    batch = Collator(tokenizer, task=CLASSIFY, max_length=64)([("a dog runs", "an animal moves", 2)])
+    batch = collate(tokenizer, [("a dog runs", "an animal moves", 2)], task=CLASSIFY, max_length=64)
 
     assert set(batch["token_type_ids"][0].tolist()) == {0, 1}
     assert batch["input_ids"][0].tolist().count(tokenizer.sep_token_id) == 2
@@ -490,67 +496,10 @@ def test_collator_encodes_text_pairs_as_two_segments(tokenizer: Any) -> None:
 def test_causal_lm_labels_are_the_inputs_with_padding_ignored(tokenizer: Any) -> None:
     rows = [("short", None, -1), ("a somewhat longer piece of text", None, -1)]
 
-    batch = Collator(tokenizer, task="causal-lm", max_length=64)(rows)
+    batch = collate(tokenizer, rows, task="causal-lm", max_length=64)
 
     mask = batch["attention_mask"].bool()
     assert (~mask).any()  # the short row is padded
     assert (batch["labels"][~mask] == -100).all()
     assert (batch["labels"][mask] == batch["input_ids"][mask]).all()
     assert "token_type_ids" not in batch
-
-
-# --- sequence packing (data.packing, causal-lm) ---
-
-
-def test_packing_joins_documents_with_eos_and_cuts_full_blocks() -> None:
-    blocks = pack_token_stream([[1, 2, 3], [4, 5], [6, 7, 8, 9]], block_size=4, eos_id=0)
-
-    # stream 1 2 3 0 4 5 0 6 7 8 9 0 -> three full blocks, nothing dropped here
-    assert blocks.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
-    tail = pack_token_stream([[1, 2, 3], [4]], block_size=4, eos_id=0)
-    assert tail.tolist() == [[1, 2, 3, 0]]  # the 2-token tail is dropped
-
-
-def test_packed_reader_tokenizes_every_row_once_and_reuses_the_node_cache(
-    tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
-    path = write(tmp_path, "lm.tsv", "text\n" + "".join(f"sentence number {i} is here\n" for i in range(50)))
-    prepared = prepare({"path": str(path), "label_column": None}, task="causal-lm")
-    expected_tokens = sum(
-        len(tokenizer(f"sentence number {i} is here", add_special_tokens=False)["input_ids"]) + 1 for i in range(50)
-    )
-
-    reader = PackedReader(prepared.train, tokenizer, block_size=16)
-
-    assert len(reader) == expected_tokens // 16
-    assert reader.cache_file.is_file()
-    first = tokenizer("sentence number 0 is here", add_special_tokens=False)["input_ids"]
-    assert reader.get(0)[: len(first) + 1].tolist() == first + [tokenizer.sep_token_id]
-    # Another block size is another cache entry.
-    assert PackedReader(prepared.train, tokenizer, block_size=8).cache_file != reader.cache_file
-    # A second reader on the node (another worker, a restart) loads the cache instead of tokenizing again.
-    monkeypatch.setattr(PackedReader, "_build", lambda *a: pytest.fail("tokenized again despite the cache"))
-    again = PackedReader(prepared.train, tokenizer, block_size=16)
-    assert np.array_equal(again.get(3), reader.get(3))
-
-
-def test_packed_batches_have_no_padding_and_labels_equal_inputs() -> None:
-    blocks = [np.arange(8, dtype=np.int32), np.arange(8, 16, dtype=np.int32)]
-
-    batch = PackedCollator()(blocks)
-
-    assert set(batch) == {"input_ids", "labels"}
-    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (2, 8)
-    assert torch.equal(batch["labels"], batch["input_ids"])
-
-
-def test_packing_too_little_text_for_one_block_names_the_file_and_the_fix(
-    tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
-    path = write(tmp_path, "short.tsv", "text\nhello there\n")
-    prepared = prepare({"path": str(path), "label_column": None}, task="causal-lm")
-
-    with pytest.raises(DataError, match=r"short\.tsv.*lower data\.max_length"):
-        PackedReader(prepared.train, tokenizer, block_size=512)

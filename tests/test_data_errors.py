@@ -251,6 +251,6 @@ def test_jsonl_rows_still_read_back_exactly(tmp_path: Path) -> None:
     prepared = prepare(path)
     reader = RowReader(prepared.train)
     try:
-        assert [reader.get(i)[0] for i in range(2)] == ["é and ü", "plain"]
+        assert [reader.get(i)["text"] for i in range(2)] == ["é and ü", "plain"]
     finally:
         reader.close()

@@ -209,7 +209,8 @@ def test_packed_causal_lm_bf16_on_the_gpu(stage, liger, compiled, ray_cluster, t
     assert start["precision"] == "bf16"
     train = [r for r in records if r["kind"] == "train"]
     assert all(math.isfinite(r["train/loss"]) for r in train)
-    assert train[-1]["train/tokens_per_s"] == pytest.approx(train[-1]["train/samples_per_s"] * 32, rel=1e-6)
+    # Blocks of whole documents: real tokens only, at most max_length per block (orchestrator.data.batching).
+    assert 0.85 < train[-1]["train/tokens_per_s"] / (train[-1]["train/samples_per_s"] * 32) <= 1 + 1e-6
     evals = [r for r in records if r["kind"] == "eval"]
     assert evals[-1]["sst2/loss"] < evals[0]["sst2/loss"]
     from transformers import AutoModelForCausalLM

@@ -230,7 +230,7 @@ def test_models_are_logged_as_wandb_artifacts_with_lineage_when_online(tmp_path,
         def __init__(self, name, type, metadata):
             calls.append(("artifact", name, type, metadata["parent"]))
 
-        def add_reference(self, uri, checksum=True):
+        def add_reference(self, uri, name=None, checksum=True):
             calls.append(("reference", uri))
 
     class FakeRun:
@@ -253,7 +253,7 @@ def test_models_are_logged_as_wandb_artifacts_with_lineage_when_online(tmp_path,
         real_init.bind(**kwargs)  # what the real wandb.init refuses (a misspelled argument), the fake refuses too
         return FakeRun()
 
-    fake = types.SimpleNamespace(init=init, Artifact=FakeArtifact)
+    fake = types.SimpleNamespace(init=init, Artifact=FakeArtifact, Settings=dict)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # mode auto -> online
     base = tmp_path / "base"

@@ -1,6 +1,7 @@
 """Each shipped method config runs end to end, shrunk with ``--set`` overrides to a few steps on a few rows (the
 real model, MiniLM, on the real SST-2 files): configs/lora.yaml, configs/distill.yaml after the quickstart it
-names as its first command, configs/causal_lm.yaml on the model scripts/make_causal_lm.py writes."""
+names as its first command, configs/causal_lm.yaml on the model scripts/make_causal_lm.py writes, configs/sft_chat.yaml
+on the chat rows and model scripts/make_chat_data.py writes."""
 
 from __future__ import annotations
 
@@ -101,3 +102,27 @@ def test_causal_lm_config_trains_the_model_the_script_builds(
     assert all(math.isfinite(r["sst2_test/perplexity"]) for r in evals)
     model = AutoModelForCausalLM.from_pretrained(result.final_model)
     assert model.config.num_hidden_layers == 2 and model.config.model_type == "llama"
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # about 60 s on 2 quiet CPUs: the issue asks CI to run each shipped config
+def test_sft_chat_config_trains_on_the_chat_rows_the_script_writes(
+    ray_cluster, env: Path, tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.models.predict import generate
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_chat_data import build_chat_model, convert
+
+    for split in ("train", "test"):
+        convert(shared_data / "agnews" / f"{split}.tsv", tmp_path / "chat" / f"{split}.jsonl")
+    monkeypatch.setenv("CHAT_DATA_DIR", str(tmp_path / "chat"))
+    monkeypatch.setenv("CHAT_MODEL_PATH", str(build_chat_model(tmp_path / "chat-llama", hidden=64, layers=2)))
+
+    result, records = _run("sft_chat.yaml", "data.eval.0.limit=32")
+
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert all(0.0 <= r["agnews_chat_test/exact_match"] <= 1.0 for r in evals)
+    assert all(math.isfinite(r["agnews_chat_test/perplexity"]) for r in evals)
+    answers = generate(result.final_model, ["Topic (World, Sports, Business or Sci/Tech)? Stocks fell."])
+    assert len(answers) == 1 and "<|im_end|>" not in answers[0]  # the end-of-text marker is not in the answer

@@ -36,14 +36,14 @@ def _plain_accuracy(model_dir: Path, config) -> float:
         for start in range(0, len(rows), 32):
             chunk = rows[start : start + 32]
             batch = tokenizer(
-                [r[0] for r in chunk],
+                [r["text"] for r in chunk],
                 truncation=True,
                 max_length=config.data.max_length,
                 padding=True,
                 return_tensors="pt",
             )
             predictions = model(**batch).logits.argmax(-1)
-            correct += sum(int(p == r[2]) for p, r in zip(predictions.tolist(), chunk))
+            correct += sum(int(p == r["label"]) for p, r in zip(predictions.tolist(), chunk))
     return correct / len(rows)
 
 
@@ -112,7 +112,7 @@ def test_causal_lm_trains_and_reports_perplexity(arch, stage, ray_cluster, tiny_
 
 
 @pytest.mark.ci
-def test_packed_causal_lm_trains_on_full_blocks_and_counts_tokens(
+def test_packed_causal_lm_trains_on_blocks_of_whole_documents_and_counts_real_tokens(
     ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))  # the workers inherit it (local cluster)
@@ -123,13 +123,16 @@ def test_packed_causal_lm_trains_on_full_blocks_and_counts_tokens(
 
     records = read_metrics(result.run_dir)
     train = [r for r in records if r["kind"] == "train"]
-    # Every example is one full block: tokens = samples x max_length, no padding.
+    # An example is a block of whole documents (none cut at a block's end, so a block may have room left): the
+    # tokens counted are the real ones, at most max_length per block, and nearly that (best-fit packing).
     for record in train:
-        assert record["train/tokens_per_s"] == pytest.approx(record["train/samples_per_s"] * 32, rel=1e-6)
+        fill = record["train/tokens_per_s"] / (record["train/samples_per_s"] * 32)
+        assert 0.85 < fill <= 1 + 1e-6
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [3, 6]
     assert evals[-1]["sst2/loss"] < evals[0]["sst2/loss"]
-    assert list((tmp_path / "cache" / "packed").glob("*.npy"))  # built once per node, reused by the other rank
+    # The token cache of each file, built once per node (local rank 0) and memory-mapped by the other rank.
+    assert len(list((tmp_path / "cache" / "tokens").glob("train-*/meta.json"))) == 1
 
 
 # Not in CI: the SIGKILL restart and the resume-on-one-worker tests (tests/test_faults_ray.py, both `ci`) cover resume.

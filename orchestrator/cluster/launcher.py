@@ -12,13 +12,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import orchestrator.storage as storage
 from orchestrator.budget import best_metric_name
-from orchestrator.cluster.preflight import Preflight, check_cluster_fits, preflight, run_dir_of
+from orchestrator.cluster.output_paths import ray_storage, run_folder_of
+from orchestrator.cluster.preflight import Preflight, check_cluster_fits, preflight
 from orchestrator.cluster.results import TrainResult
 from orchestrator.cluster.run_lock import run_lock
 from orchestrator.config import JobConfig
 from orchestrator.errors import TrainingError
-from orchestrator.tracking import read_metrics, verbose_output
+from orchestrator.run_outputs import SCRATCH_ENV, is_published
+from orchestrator.tracking import METRICS_FILE, read_metrics, verbose_output
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,8 @@ def build_trainer(
         "config": config.to_dict(),
         "data": checked.data,
         "model_path": checked.model_path,
-        "run_dir": str(checked.run_dir),
+        "run_dir": checked.run_folder or str(checked.run_dir),  # a URI when output.dir is one
+        "scratch_root": os.environ.get(SCRATCH_ENV),  # where workers stage it (as cache_dir below)
         "init_checkpoint": init_checkpoint,
         "stop_signal": stop_signal,
         "callbacks": list(worker_callbacks or []),
@@ -102,7 +106,7 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=run_name or config.name,
-            storage_path=str(checked.storage_path),
+            **ray_storage(checked.storage_path),  # a URI: the bucket path and its pyarrow filesystem
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=_checkpoint_config(checked),
             callbacks=callbacks,
@@ -145,7 +149,7 @@ def run_training(
         worker_callbacks: extra step-loop callbacks for every worker (see :func:`build_trainer`).
     """
     # One driver per run folder, from before preflight's checks until the model is registered (run_lock.py).
-    with run_lock(run_dir_of(config), config.name):
+    with run_lock(run_folder_of(config), config.name):
         checked = preflight(config, resume=resume, source=source)
         if config.output.registry:  # a model registered at this run's final/ gets a folder this run cannot touch
             from orchestrator.lifecycle.run_registration import protect_registered_exports
@@ -154,8 +158,12 @@ def run_training(
         ensure_ray(address)
         use_gpu = check_cluster_fits(config)
         trainer = build_trainer(checked, use_gpu=use_gpu, worker_callbacks=worker_callbacks)
-        result = _fit_with_progress(trainer, checked.run_dir, progress)
+        result = _fit_with_progress(trainer, checked, progress)
         train_result = _train_result(checked, result)
+        from orchestrator.lifecycle.model_card import write_run_cards
+
+        # Cards before registration: a registered model's version folder holds its card too.
+        write_run_cards(checked.config, train_result.run_dir, model_path=checked.model_path, data=train_result.data)
         # Model registry (issue #6): every job that exports a model registers it as a candidate.
         if config.output.registry:
             from orchestrator.lifecycle.run_registration import register_run
@@ -166,9 +174,15 @@ def run_training(
     return train_result
 
 
-def _fit_with_progress(trainer: Any, run_dir: Path, progress: Any) -> Any:
-    """``trainer.fit()`` in a thread, calling ``progress`` with the run's records every second meanwhile."""
+def _fit_with_progress(trainer: Any, checked: Preflight, progress: Any) -> Any:
+    """``trainer.fit()`` in a thread, calling ``progress`` with the run's records every second meanwhile (from
+    the local copy rank 0 writes when it runs on this node, else from the run folder, a bucket's copy lagging
+    by up to one eval/checkpoint interval)."""
     outcome: dict[str, Any] = {}
+
+    def records() -> list[dict[str, Any]]:
+        local = checked.run_dir / METRICS_FILE
+        return read_metrics(checked.run_dir if local.is_file() else checked.run_folder or checked.run_dir)
 
     def fit() -> None:
         try:
@@ -181,9 +195,9 @@ def _fit_with_progress(trainer: Any, run_dir: Path, progress: Any) -> Any:
     while thread.is_alive():
         thread.join(timeout=1.0)
         if progress is not None:
-            progress(read_metrics(run_dir))
+            progress(records())
     if progress is not None:
-        progress(read_metrics(run_dir))
+        progress(records())
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -206,22 +220,44 @@ def _train_result(checked: Preflight, result: Any) -> TrainResult:
     error = training_error(result)
     if error is not None:
         raise error
-    records = read_metrics(checked.run_dir)
+    folder = checked.run_folder or str(checked.run_dir)  # a URI run: the bucket's copies, uploaded at the end
+    records = read_metrics(folder)
     evals = [r for r in records if r.get("kind") == "eval"]
     final_metrics = dict(result.metrics or (evals[-1] if evals else {}))
     wandb_path = None
     wandb_dirs = sorted((checked.run_dir / "wandb").glob("*run-*"), key=lambda p: p.stat().st_mtime)
     if wandb_dirs:
         wandb_path = str(wandb_dirs[-1])
-    final_dir = checked.run_dir / "final"
-    best_dir = checked.run_dir / "best"
+    exports = {name: _output(folder, name) for name in ("final", "best")}
     return TrainResult(
-        run_dir=checked.run_dir,
+        run_dir=_output(folder),
         metrics=final_metrics,
         best_metric=final_metrics.get("best_metric"),
-        final_model=final_dir if final_dir.exists() else None,
-        best_model=best_dir if best_dir.exists() else None,
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        final_model=exports["final"] if is_published(exports["final"]) else None,
+        best_model=exports["best"] if is_published(exports["best"]) else None,
+        checkpoint_path=_checkpoint_uri(checked, result.checkpoint),
         wandb=wandb_path,
-        data=checked.data.summary(),
+        data=_data_summary(checked, records),
     )
+
+
+def _data_summary(checked: Preflight, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The data summary of the run's last start record (rank 0's: it counts the rows the workers' encoders
+    dropped with ``data.on_bad_rows: skip`` besides the scan's), else the driver's scan."""
+    starts = [r for r in records if r.get("kind") == "start" and isinstance(r.get("data"), dict)]
+    return starts[-1]["data"] if starts else checked.data.summary()
+
+
+def _output(folder: str, *parts: str) -> Path | str:
+    """A path in the run folder: a ``Path`` for a local run (as before), the URI string for a bucket's."""
+    joined = storage.join(folder, *parts)
+    return joined if storage.is_uri(joined) else Path(joined)
+
+
+def _checkpoint_uri(checked: Preflight, checkpoint: Any) -> str | None:
+    """The run's last checkpoint as a path or URI (Ray gives a bucket's path without its scheme)."""
+    if checkpoint is None:
+        return None
+    if storage.is_uri(checked.storage_path):
+        return f"{storage.scheme_of(checked.storage_path)}://{checkpoint.path}"
+    return checkpoint.path

@@ -9,11 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cluster.input_checks import check_input_uris
+from orchestrator.cluster.output_paths import check_outputs, run_dir_of, run_folder_of, storage_path_of
 from orchestrator.config import JobConfig
+from orchestrator.data.encoding import chat_template_issues
 from orchestrator.data.sources import PreparedData, prepare_data
 from orchestrator.errors import ConfigError, ConfigIssue, DataError, ModelError, OrchestratorError
+from orchestrator.lifecycle.licence import check_licence
+from orchestrator.lifecycle.run_registration import registry_problem as registry_location_problem
 from orchestrator.methods import get_method
-from orchestrator.models.loading import read_model_config, resolve_model_path
+from orchestrator.models.loading import inspectable_model_path, read_model_config, resolve_model_path
 from orchestrator.tracking import (
     SECRETS_FILE_ENV,
     WANDB_CHECK_TIMEOUT_S,
@@ -33,13 +38,9 @@ class Preflight:
     config: JobConfig
     model_path: str
     data: PreparedData
-    run_dir: Path
-    storage_path: Path
-
-
-def run_dir_of(config: JobConfig) -> Path:
-    """The job's run folder: ``<output.dir>/<name>`` (where its lock, metrics and exports live)."""
-    return (Path(config.output.dir).expanduser() / config.name).resolve()
+    run_dir: Path  # the local folder the run writes: the run folder, or its scratch when that is a URI
+    storage_path: str  # Ray Train's checkpoints: a local path or a URI
+    run_folder: str = ""  # <output.dir>/<name>: a local path or a URI (where the outputs are read from)
 
 
 def preflight(config: JobConfig, *, resume: bool = False, source: str | None = None) -> Preflight:
@@ -56,53 +57,42 @@ def preflight(config: JobConfig, *, resume: bool = False, source: str | None = N
             config.model.path,
             f" and {config.distill.teacher}" if config.distill is not None else "",
         )
-    model_path = ""
+    unreadable = check_input_uris(config)  # every input URI probed first (input_checks.py): one issue per field
+    issues.extend(unreadable)
+    unreadable_fields = {issue.location for issue in unreadable}
+    registry_problem = registry_location_problem(config)
+    if registry_problem:  # a SQLite file on a bucket: refused now, not after training
+        issues.append(ConfigIssue(location="output.registry", message=registry_problem))
+    model_path = local_model = ""
     try:
-        model_path = resolve_model_path(config.model.path)
+        if not unreadable_fields & {"model.path", "distill.teacher"}:
+            model_path = resolve_model_path(config.model.path)
+            local_model = inspectable_model_path(model_path)  # on object storage: config and tokenizer, no weights
     except ModelError as exc:
         issues.append(ConfigIssue(location="model.path", message=str(exc).removeprefix("model.path: ")))
-    if model_path:
+    if local_model:
         method_preflight = getattr(get_method(config.method), "preflight", None)
         if method_preflight is not None:
-            issues.extend(method_preflight(config, model_path))
+            issues.extend(method_preflight(config, local_model))
         issues.extend(check_max_length(config, model_path))
+        issues.extend(check_licence(config, model_path))  # derivatives forbidden or licence unknown
+        issues.extend(chat_template_issues(config.data, local_model, trust_remote_code=config.model.trust_remote_code))
     data = None
     try:
-        data = prepare_data(config.data, config.model.task)
+        if not any(field.startswith("data.") for field in unreadable_fields):
+            data = prepare_data(config.data, config.model.task)
     except DataError as exc:
         issues.append(ConfigIssue(location="data", message=str(exc)))
     if config.deepspeed.config_file and not Path(config.deepspeed.config_file).is_file():
         issues.append(
             ConfigIssue(location="deepspeed.config_file", message=f"{config.deepspeed.config_file} not found")
         )
-    run_dir = run_dir_of(config)
-    storage = Path(config.output.storage_path).expanduser().resolve() if config.output.storage_path else run_dir / "ray"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        issues.append(
-            ConfigIssue(
-                location="output.dir",
-                message=f"cannot write to {run_dir} ({exc.strerror or exc})",
-                hint="choose a writable output.dir",
-            )
-        )
-    existing = storage / config.name
-    if not resume and existing.exists() and any(p.is_dir() for p in existing.glob("checkpoint_*")):
-        issues.append(
-            ConfigIssue(
-                location="name",
-                message=f"a run named {config.name!r} already has checkpoints in {existing}",
-                hint="pass --resume to continue it, or choose another name (nothing is overwritten)",
-            )
-        )
+    issues.extend(check_outputs(config, resume=resume))  # output.dir / output.storage_path, local or URIs
     if issues:
         raise ConfigError(issues, source=source)
     assert data is not None
-    return Preflight(config=config, model_path=model_path, data=data, run_dir=run_dir, storage_path=storage)
+    return Preflight(config=config, model_path=model_path, data=data, run_dir=run_dir_of(config),
+                     storage_path=storage_path_of(config), run_folder=run_folder_of(config))
 
 
 # Config keys that bound the positions a model embeds: BERT/RoBERTa/Llama/Mistral/Qwen, GPT-2, others.

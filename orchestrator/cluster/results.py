@@ -9,11 +9,15 @@ from typing import Any
 
 @dataclass
 class TrainResult:
-    run_dir: Path
+    """Paths are local ``Path`` objects for a local ``output.dir``, URI strings (``s3://...``) for a bucket's:
+    read them with ``orchestrator.storage`` (a model folder on a bucket is complete once
+    ``orchestrator.run_outputs.is_published`` says so; ``final_model``/``best_model`` are set only then)."""
+
+    run_dir: Path | str
     metrics: dict[str, Any]
     best_metric: float | None
-    final_model: Path | None
-    best_model: Path | None
+    final_model: Path | str | None
+    best_model: Path | str | None
     checkpoint_path: str | None
     wandb: str | None
     data: dict[str, Any] = field(default_factory=dict)

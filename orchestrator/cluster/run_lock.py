@@ -12,6 +12,15 @@ driver is known to be gone. Checking and taking over happen under an ``flock`` o
 drivers finding one stale lock do not both take it (the kernel drops an flock when its process dies, so the
 guard itself never goes stale).
 
+A run folder on a bucket (``output.dir: s3://...``) has no flock and no exclusive create through pyarrow (its
+S3 client sends no ``If-None-Match``; S3's conditional PUT would need boto3, which is no dependency of the
+project, and GCS's preconditions differ again). So the lock there is two parts: the local lock above in the
+run's scratch folder (``orchestrator.run_outputs``), which serialises the drivers of one machine, where a
+cluster's drivers usually start (the head node, the CLI machine), and a holder record ``<run folder>/.run.lock``
+on the bucket, checked and then written, which refuses a driver started while another host's driver runs (a
+stale record of this host is taken over as above). Two drivers on two hosts starting within the same second
+could both pass the bucket's check-then-write; that window is the known limit.
+
 Sweep trials do not take this lock: Ray Tune gives each trial a folder of its own and restarts a trial in
 another process, so a trial never waits for a lock (its own or its previous attempt's).
 """
@@ -32,8 +41,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import orchestrator.storage as storage
 from orchestrator.errors import OrchestratorError
 from orchestrator.lifecycle.round_claims import pid_alive
+from orchestrator.run_outputs import scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +110,11 @@ def _is_stale(path: Path, holder: dict[str, Any] | None) -> bool:
             return time.time() - path.stat().st_mtime > UNREADABLE_GRACE_S
         except FileNotFoundError:
             return True
+    return _holder_gone(holder)
+
+
+def _holder_gone(holder: dict[str, Any]) -> bool:
+    """Whether a readable holder record's driver is known to be gone (only this host's can be checked)."""
     if holder.get("host") != socket.gethostname():
         return False
     pid = holder.get("pid")
@@ -108,7 +124,7 @@ def _is_stale(path: Path, holder: dict[str, Any] | None) -> bool:
     return recorded is not None and now is not None and abs(now - recorded) > 1.0
 
 
-def _refusal(run_dir: Path, path: Path, holder: dict[str, Any] | None) -> RunLockedError:
+def _refusal(run_dir: Path | str, path: Path | str, holder: dict[str, Any] | None) -> RunLockedError:
     if holder is None:
         who = "a driver that is starting now"
     else:
@@ -180,9 +196,58 @@ def acquire_run_lock(run_dir: Path, name: str) -> RunLock:
     return RunLock(path, token)
 
 
+@dataclass
+class BucketLock:
+    """A held holder record on a bucket; :meth:`release` deletes it while it is still this holder's."""
+
+    uri: str
+    token: str
+
+    def release(self) -> None:
+        try:
+            holder = _read_bucket_holder(self.uri)
+            if holder is not None and holder.get("token") == self.token:
+                storage.delete(self.uri)
+        except OSError as exc:  # the bucket went away: the record stays, and is stale for the next driver here
+            logger.warning("could not remove the run lock %s (%s)", self.uri, exc)
+
+
+def _read_bucket_holder(uri: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(storage.read_text(uri))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def acquire_bucket_lock(folder: str, name: str) -> BucketLock:
+    """Write the holder record ``<folder>/.run.lock`` on the bucket, unless a live driver's record is there.
+
+    Raises:
+        RunLockedError: a record of another host, or of a live driver of this host, is there.
+        StorageError: the bucket cannot be read or written (preflight reports it with its fix).
+    """
+    uri = storage.join(folder, LOCK_FILE)
+    entry = storage.stat(uri)
+    if entry is not None:
+        holder = _read_bucket_holder(uri)
+        age = time.time() - entry.mtime.timestamp() if entry.mtime else 0.0
+        stale = age > UNREADABLE_GRACE_S if holder is None else _holder_gone(holder)
+        if not stale:
+            raise _refusal(folder, uri, holder)
+        logger.warning("taking over the stale lock %s (pid %s on %s is gone)", uri, (holder or {}).get("pid"),
+                       (holder or {}).get("host"))
+    token = uuid.uuid4().hex
+    storage.write_text(uri, json.dumps(_holder_record(name, token)))
+    return BucketLock(uri, token)
+
+
 @contextlib.contextmanager
-def run_lock(run_dir: Path, name: str) -> Iterator[RunLock | None]:
+def run_lock(run_dir: Path | str, name: str) -> Iterator[RunLock | None]:
     """Hold the run folder's lock for the ``with`` block (released however it ends).
+
+    ``run_dir`` may be a URI: then the local lock is taken in the run's scratch folder and a holder record is
+    kept on the bucket (see the module docstring).
 
     Yields None, without a lock, when the folder cannot be created or written: preflight then reports the
     unwritable ``output.dir`` with its fix.
@@ -190,13 +255,23 @@ def run_lock(run_dir: Path, name: str) -> Iterator[RunLock | None]:
     Raises:
         RunLockedError: another live driver holds it.
     """
+    remote = str(run_dir) if storage.is_uri(run_dir) else None
+    local = scratch_dir(remote) if remote else Path(run_dir)
+    bucket_lock: BucketLock | None = None
     try:
-        lock: RunLock | None = acquire_run_lock(run_dir, name)
+        lock: RunLock | None = acquire_run_lock(local, name)
     except OSError as exc:
-        logger.debug("no run lock in %s: %s", run_dir, exc)
+        logger.debug("no run lock in %s: %s", local, exc)
         lock = None
     try:
+        if remote and lock is not None:
+            try:
+                bucket_lock = acquire_bucket_lock(remote, name)
+            except OSError as exc:  # StorageError included: preflight names the bucket problem
+                logger.debug("no run lock in %s: %s", remote, exc)
         yield lock
     finally:
+        if bucket_lock is not None:
+            bucket_lock.release()
         if lock is not None:
             lock.release()

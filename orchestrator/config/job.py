@@ -25,6 +25,7 @@ from orchestrator.config.sections import (
     TrainingConfig,
     UnfreezeSection,
     _Section,
+    looks_like_jinja,
 )
 from orchestrator.config.tune_sections import TuneSection
 from orchestrator.methods import available_methods
@@ -89,6 +90,7 @@ class JobConfig(_Section):
             # An assignment: validate_assignment runs this model's validators again, with the default set.
             self.lora = LoraSection()
         problems += _label_problems(self)
+        problems += _generate_problems(self)
         problems += _method_section_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
@@ -116,6 +118,8 @@ class JobConfig(_Section):
             fields[f"data.eval.{i}.path"] = source.path
         if self.deepspeed.config_file:
             fields["deepspeed.config_file"] = self.deepspeed.config_file
+        if self.data.chat_template is not None and not looks_like_jinja(self.data.chat_template):
+            fields["data.chat_template"] = self.data.chat_template
         if self.output.storage_path:
             fields["output.storage_path"] = self.output.storage_path
         if self.output.registry not in (None, "auto"):
@@ -143,7 +147,23 @@ def _task_problems(config: JobConfig) -> list[str]:
         problems.append("data.train.label_column is required for sequence-classification")
     if config.data.packing and config.model.task != "causal-lm":
         problems.append("data.packing needs model.task: causal-lm (classification examples keep their own labels)")
-    return problems
+    return problems + _chat_task_problems(config)
+
+
+def _chat_task_problems(config: JobConfig) -> list[str]:
+    """Chat and prompt/completion rows (and how they are rendered and labelled) are for causal-lm."""
+    if config.model.task == "causal-lm":
+        return []
+    fix = f"they need model.task: causal-lm (this job's is {config.model.task}); remove them or change the task"
+    sources = [("data.train", config.data.train)] + [(f"data.eval[{i}]", s) for i, s in enumerate(config.data.eval)]
+    names = [
+        f"{where}.{name}"
+        for where, source in sources
+        for name in ("messages_column", "prompt_column", "completion_column")
+        if getattr(source, name)
+    ]
+    names += ["data.chat_template"] if config.data.chat_template is not None else []
+    return [f"{', '.join(names)}: {fix}"] if names else []
 
 
 def _label_problems(config: JobConfig) -> list[str]:
@@ -153,6 +173,25 @@ def _label_problems(config: JobConfig) -> list[str]:
     if config.data.label_names is not None and len(set(config.data.label_names)) != len(config.data.label_names):
         problems.append("data.label_names has duplicates; list each label once")
     return problems + _label_subset_problems(config)
+
+
+def _generate_problems(config: JobConfig) -> list[str]:
+    """Scoring by generation (``data.eval[].generate``) is for causal-lm eval sets: the training set is never
+    generated from, and a classifier has no text to generate."""
+    problems = []
+    if config.data.train.generate:
+        problems.append("data.train.generate: only eval sets are scored by generation; remove it from data.train")
+    for i, source in enumerate(config.data.eval):
+        if not source.generate:
+            continue
+        if config.model.task != "causal-lm":
+            problems.append(f"data.eval[{i}].generate: scoring by generation needs model.task: causal-lm; remove it")
+        elif not (source.messages_column or source.prompt_column):
+            problems.append(
+                f"data.eval[{i}].generate: scoring by generation needs a reference answer per row; set "
+                f"data.eval[{i}].messages_column (the last assistant turn) or prompt_column + completion_column"
+            )
+    return problems
 
 
 def _label_subset_problems(config: JobConfig) -> list[str]:

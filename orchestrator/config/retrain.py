@@ -31,7 +31,11 @@ from orchestrator.errors import ConfigError, ConfigIssue
 
 
 class WatchSection(_Section):
-    dir: str = Field(min_length=1, description="Folder watched for new data files (a path every round's job can read).")
+    dir: str = Field(
+        min_length=1,
+        description="Folder watched for new data files (a path every round's job can read), or a prefix on object "
+        "storage (s3://bucket/incoming, gs://...): listed with each object's size and modification time.",
+    )
     glob: str = Field("*.tsv", description="Which files are data, relative to dir ('**/*.tsv' includes subfolders).")
     settle_s: float = Field(
         10.0, ge=0, description="Ignore files modified in the last N seconds (they may still be being written)."
@@ -174,6 +178,20 @@ class ScheduleSection(_Section):
         return self
 
 
+class QuantizeSection(_Section):
+    """Quantize each promoted champion on CPU (``orchestrator quantize``, see orchestrator.models.quantize)."""
+
+    method: Literal["int8-dynamic", "int8-weight"] = Field(
+        "int8-dynamic",
+        description="int8-dynamic: int8 weights and activations (smaller and faster on CPU); int8-weight: int8 "
+        "weights only (as small, not faster on CPU).",
+    )
+    embeddings: Literal["auto", "int8", "fp32"] = Field(
+        "auto", description="The input embedding: auto (int8 for classifiers, fp32 for causal LMs), int8 or fp32."
+    )
+    threads: int | None = Field(None, gt=0, description="Torch threads for scoring and timing (default: torch's).")
+
+
 class RetrainConfig(_Section):
     """One model retrained continually: base job, watched data, replay, gate, schedule."""
 
@@ -207,6 +225,11 @@ class RetrainConfig(_Section):
         "own labels); 'refuse' fails the round, naming both label sets.",
     )
     schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="`orchestrator schedule`.")
+    quantize: QuantizeSection | None = Field(
+        None,
+        description="After a promotion, quantize the new champion into <round run dir>/quantized-<method>, scored "
+        "against it on its eval sets and registered as the champion of <name>-<method>; null: off.",
+    )
 
     @field_validator("overrides")
     @classmethod
@@ -246,10 +269,15 @@ class LoadedRetrain:
         data["job"] = job
         data["overrides"] = {}
         data["name"] = self.name
-        data["watch"]["dir"] = str(Path(self.config.watch.dir).expanduser().resolve())
+        data["watch"]["dir"] = _absolute(self.config.watch.dir)
         for extra in data["eval"]["extra"]:
-            extra["path"] = str(Path(extra["path"]).expanduser().resolve())
+            extra["path"] = _absolute(extra["path"])
         return data
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute; a URI (``s3://``, ``gs://``) as it is (``Path`` would fold its ``//``)."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def _model_at(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:

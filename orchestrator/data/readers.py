@@ -1,21 +1,20 @@
-"""Reading a worker's shard of the scanned data: rows by index, batch order per epoch, collation, packing.
+"""Reading a worker's shard of the scanned data: rows by index, batch order per epoch.
 
 The driver scans and validates the files (``orchestrator.data.sources``); workers get that index and read
 their rows here by seeking into the files, so exact resume is an (epoch, batch) position.
+Workers train on the rows' examples, tokenized once per node (``orchestrator.data.token_cache``) and collated
+or packed by ``orchestrator.data.batching``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from orchestrator.data.chat_rows import ChatRowError, messages_of
+from orchestrator.data.remote_files import worker_file
 from orchestrator.data.sources import ScannedSource, parse_line, reading_file, row_value
 from orchestrator.errors import DataError
 
@@ -34,20 +33,21 @@ class RowReader:
         self.scanned = scanned
         self._handle: Any = None
         self._table: Any = None
+        self._file: str | None = None
+
+    def _local_file(self) -> str:
+        """The file read: the scanned path, or for a URI this node's copy of the version scanned (remote_files.py)."""
+        if self._file is None:
+            self._file = worker_file(self.scanned.path, self.scanned.version)
+        return self._file
 
     def _row(self, i: int) -> Any:
         s = self.scanned
         if s.format == "parquet":
-            if self._table is None:
-                import pyarrow.parquet as pq
-
-                wanted = [c for c in (s.text_index, s.pair_index) if isinstance(c, str)]
-                with reading_file(s.path, hint=_EVERY_NODE):
-                    self._table = pq.read_table(s.path, columns=wanted).to_pydict()
-            return {k: v[int(s.offsets[i])] for k, v in self._table.items()}
-        with reading_file(s.path, hint=_EVERY_NODE):
+            return self._parquet_row(int(s.offsets[i]))
+        with reading_file(s.path, hint=_EVERY_NODE):  # a DataError of the copy (remote_files.py) passes through
             if self._handle is None:
-                self._handle = open(s.path, "rb")  # noqa: SIM115 - kept open for the reader's life
+                self._handle = open(self._local_file(), "rb")  # noqa: SIM115 - kept open for the reader's life
             self._handle.seek(int(s.offsets[i]))
             raw = self._handle.readline()
         if not raw.strip():
@@ -56,6 +56,25 @@ class RowReader:
             return parse_line(raw, s.format)
         except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError
             raise self._changed(i, f"does not parse ({exc})") from None
+
+    def _parquet_row(self, row: int) -> dict[str, Any]:
+        """Row ``row`` of a parquet file, from the row group that holds it: one group in memory at a time, so a file
+        larger than memory works (reading rows in order, as the token cache's builder does, reads each group once)."""
+        import pyarrow.parquet as pq
+
+        s = self.scanned
+        with reading_file(s.path, hint=_EVERY_NODE):
+            if self._table is None:
+                self._table = pq.ParquetFile(self._local_file())
+                sizes = [self._table.metadata.row_group(g).num_rows for g in range(self._table.num_row_groups)]
+                self._group_starts = np.cumsum([0, *sizes])
+                self._group: tuple[int, dict[str, list[Any]]] = (-1, {})
+            group = int(np.searchsorted(self._group_starts, row, side="right")) - 1
+            if self._group[0] != group:
+                wanted = [c for c in (s.text_index, s.pair_index, *s.chat_index.values()) if isinstance(c, str)]
+                self._group = (group, self._table.read_row_group(group, columns=wanted).to_pydict())
+        at = row - int(self._group_starts[group])
+        return {k: v[at] for k, v in self._group[1].items()}
 
     def _changed(self, i: int, why: str) -> DataError:
         s = self.scanned
@@ -68,21 +87,53 @@ class RowReader:
     def __len__(self) -> int:
         return len(self.scanned)
 
-    def get(self, i: int) -> tuple[str, str | None, int]:
+    def get(self, i: int) -> dict[str, Any]:
+        """Row ``i`` as a dict: ``label`` (the label id, -1 without) and, as the source is configured, ``text`` and
+        ``text_pair`` (None without a pair column), or ``messages`` (a list of {role, content} dicts), or
+        ``prompt`` and ``completion``."""
+        s = self.scanned
         row = self._row(i)
+        refs = s.chat_index or {"text": s.text_index, "text_pair": s.pair_index}
+        lacks = f"lacks the {' or '.join(k for k in refs if k != 'text_pair')} column"
         try:
-            text = row_value(row, self.scanned.text_index)
-            pair = row_value(row, self.scanned.pair_index)
+            out: dict[str, Any] = {key: row_value(row, ref) for key, ref in refs.items()}
         except (IndexError, KeyError, TypeError):  # fewer columns, or not an object, than when it was scanned
-            raise self._changed(i, "lacks the text column") from None
-        if text is None:
-            raise self._changed(i, "lacks the text column")
-        return str(text), (None if pair is None else str(pair)), int(self.scanned.labels[i])
+            raise self._changed(i, lacks) from None
+        if any(out[key] is None for key in refs if key != "text_pair"):
+            raise self._changed(i, lacks)
+        if "messages" in out:
+            try:
+                out["messages"] = messages_of(out["messages"])
+            except ChatRowError as exc:
+                raise self._changed(i, f"no longer holds a conversation ({exc})") from None
+        else:
+            out.update({key: str(out[key]) for key in refs if out[key] is not None})
+        out["label"] = int(s.labels[i])
+        return out
+
+    def where(self, i: int) -> str:
+        """Row ``i``'s place for messages: ``path:line`` (the line counted only when asked: on an error)."""
+        s = self.scanned
+        offset = int(s.offsets[i])
+        if s.format == "parquet":
+            return f"{s.path}:{offset + 1}"  # the scan numbers parquet rows from 1
+        line = 1
+        with reading_file(s.path, hint=_EVERY_NODE), open(self._local_file(), "rb") as handle:
+            while offset > 0:
+                chunk = handle.read(min(offset, 1 << 20))
+                if not chunk:
+                    break
+                line += chunk.count(b"\n")
+                offset -= len(chunk)
+        return f"{s.path}:{line}"
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._table is not None:
+            self._table.close()
+            self._table = None
 
 
 def train_order(n: int, *, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
@@ -121,148 +172,3 @@ def eval_batch_indices(n: int, *, rank: int, world_size: int, batch_size: int) -
         (shard[i * batch_size : (i + 1) * batch_size], weights[i * batch_size : (i + 1) * batch_size])
         for i in range(count)
     ]
-
-
-class Collator:
-    """Tokenizes a list of rows with dynamic padding (to the longest row of the batch)."""
-
-    def __init__(self, tokenizer: Any, *, task: str, max_length: int):
-        self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
-
-    def __call__(self, rows: Sequence[tuple[str, str | None, int]]) -> dict[str, Any]:
-        import torch
-
-        texts = [r[0] for r in rows]
-        pairs = [r[1] for r in rows] if rows and rows[0][1] is not None else None
-        encoded = self.tokenizer(
-            texts,
-            pairs,
-            truncation=True,
-            max_length=self.max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        batch = dict(encoded)
-        if self.task == "causal-lm":
-            labels = batch["input_ids"].clone()
-            labels[batch["attention_mask"] == 0] = -100
-            batch["labels"] = labels
-            batch.pop("token_type_ids", None)
-        else:
-            batch["labels"] = torch.tensor([r[2] for r in rows], dtype=torch.long)
-        return batch
-
-
-# --------------------------------------------------------------------------------------------------
-# Sequence packing (causal-lm, data.packing)
-# --------------------------------------------------------------------------------------------------
-
-
-def pack_token_stream(documents: Sequence[Sequence[int]], *, block_size: int, eos_id: int) -> np.ndarray:
-    """Join tokenized documents, each followed by ``eos_id``, and cut the stream into ``[n, block_size]`` blocks.
-
-    The tail shorter than a block is dropped (as in Hugging Face's ``run_clm`` ``group_texts``). Documents share
-    a block without an attention barrier: the end-of-text token marks the boundary, the usual packing for
-    causal-LM training, which keeps every token a real one (no padding) and lets attention use the plain
-    causal kernel.
-    """
-    total = sum(len(d) + 1 for d in documents)
-    stream = np.empty(total, dtype=np.int32)
-    at = 0
-    for doc in documents:
-        stream[at : at + len(doc)] = doc
-        stream[at + len(doc)] = eos_id
-        at += len(doc) + 1
-    blocks = total // block_size
-    return stream[: blocks * block_size].reshape(blocks, block_size)
-
-
-def end_of_text_id(tokenizer: Any) -> int:
-    """The token that separates packed documents: EOS, else SEP (BERT-style vocabularies).
-
-    Raises:
-        DataError: the tokenizer has neither.
-    """
-    for name in ("eos_token_id", "sep_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    raise DataError("data.packing: the tokenizer has no eos or sep token to separate documents; turn packing off")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"))
-
-
-class PackedReader:
-    """Random access to the packed blocks of a scanned text file (``data.packing``).
-
-    Every row is tokenized once per node: the blocks are cached as a ``.npy`` file keyed by the file's content
-    hash, the rows used, the tokenizer and the block size, and written by rename so workers on one node that
-    race to build it never read a partial file. Tokenizing here rather than on the driver keeps the driver
-    free of tokenizers and lets each node build its cache in parallel.
-    """
-
-    def __init__(
-        self,
-        scanned: ScannedSource,
-        tokenizer: Any,
-        *,
-        block_size: int,
-        cache_dir: str | Path | None = None,
-        chunk_rows: int = 2048,
-    ):
-        self.scanned = scanned
-        key = hashlib.sha256()
-        key.update(scanned.sha256.encode())
-        key.update(scanned.offsets.tobytes())
-        key.update(str((scanned.text_index, scanned.pair_index, block_size)).encode())
-        key.update(str((type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))).encode())
-        key.update(json.dumps(getattr(tokenizer, "init_kwargs", {}), sort_keys=True, default=str).encode())
-        self.cache_file = Path(cache_dir or cache_root()) / "packed" / f"{scanned.name}-{key.hexdigest()[:24]}.npy"
-        if self.cache_file.exists():
-            self.blocks = np.load(self.cache_file, mmap_mode="r")
-        else:
-            self.blocks = self._build(tokenizer, block_size, chunk_rows)
-        if not len(self.blocks):
-            raise DataError(
-                f"{scanned.path}: data.packing: its {len(scanned)} rows hold fewer than data.max_length "
-                f"({block_size}) tokens; lower data.max_length or add data"
-            )
-
-    def _build(self, tokenizer: Any, block_size: int, chunk_rows: int) -> np.ndarray:
-        rows = RowReader(self.scanned)
-        documents: list[list[int]] = []
-        try:
-            for start in range(0, len(rows), chunk_rows):
-                chunk = [rows.get(i) for i in range(start, min(start + chunk_rows, len(rows)))]
-                texts = [text if pair is None else f"{text}\n{pair}" for text, pair, _ in chunk]
-                documents += tokenizer(texts, add_special_tokens=False)["input_ids"]
-        finally:
-            rows.close()
-        blocks = pack_token_stream(documents, block_size=block_size, eos_id=end_of_text_id(tokenizer))
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.cache_file.with_suffix(f".{os.getpid()}.partial.npy")
-        np.save(partial, blocks)
-        os.replace(partial, self.cache_file)
-        return blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def get(self, i: int) -> np.ndarray:
-        return self.blocks[i]
-
-    def close(self) -> None:
-        pass
-
-
-class PackedCollator:
-    """Stacks packed blocks into a batch: every position is a real token, so there is no attention mask (the
-    model runs its plain causal kernel) and the labels are the inputs (the model shifts them)."""
-
-    def __call__(self, blocks: Sequence[np.ndarray]) -> dict[str, Any]:
-        import torch
-
-        input_ids = torch.from_numpy(np.stack(blocks).astype(np.int64))
-        return {"input_ids": input_ids, "labels": input_ids.clone()}

@@ -8,7 +8,8 @@ errors that name file and line, and an exact, cheap resume position (epoch, batc
 per-epoch permutation, which a streaming Ray Dataset does not offer.
 
 Formats: tsv (no quoting: SST-2 and AG News contain raw quotes), csv (RFC 4180 quoting within a line),
-jsonl (one object per line) and parquet (columns read with pyarrow).
+jsonl (one object per line) and parquet (columns read with pyarrow). Chat and prompt/completion rows are checked
+by :mod:`orchestrator.data.chat_rows`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
+import orchestrator.storage as storage
 from orchestrator.config import DataConfig, DataSource
+from orchestrator.data.chat_rows import ChatRowError, chat_refs, check_chat_row
+from orchestrator.data.remote_files import scan_remote
 from orchestrator.errors import DataError
 
 SUFFIX_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -93,7 +97,7 @@ class ScannedSource:
     format: str
     name: str
     columns: list[str]
-    text_index: int | str
+    text_index: int | str | None  # None for chat rows (chat_index)
     pair_index: int | str | None
     label_index: int | str | None
     offsets: np.ndarray  # int64 byte offset of each valid row (row number for parquet)
@@ -103,6 +107,8 @@ class ScannedSource:
     bad_rows: int = 0
     bad_examples: list[str] = field(default_factory=list)
     label_subset: list[int] | None = None  # eval sets: the label ids it is scored over (None: all labels)
+    chat_index: dict[str, int | str] = field(default_factory=dict)  # messages / prompt, completion -> column
+    version: str | None = None  # a URI's object version at the scan (workers read that version: remote_files)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -260,6 +266,9 @@ def scan_source(
     Raises:
         DataError: naming file and line.
     """
+    if storage.is_uri(source.path):  # object storage: this node's copy is scanned (data/remote_files.py)
+        return scan_remote(source, scan_source, task=task, label_to_id=label_to_id, on_bad_rows=on_bad_rows,
+                           collect_labels=collect_labels)
     path, fmt, header = _resolve_file(source)
     with reading_file(source.path):  # an unreadable or corrupt file: a DataError naming it, not a bare OSError
         columns = _find_columns(source, path, fmt, header, task)
@@ -272,7 +281,7 @@ def scan_source(
             rows_read += 1
             try:
                 label_id = _check_row(raw, fmt, columns, source, label_to_id, collect_labels)
-            except _BadRow as exc:
+            except (_BadRow, ChatRowError) as exc:
                 problem = str(exc)
             else:
                 offsets.append(offset)
@@ -289,10 +298,11 @@ class _Columns:
     """Where the configured columns sit in each row of one file."""
 
     names: list[str]  # the header's columns (tsv/csv) or the fields (jsonl/parquet); empty without a header
-    text: int | str  # a list index (tsv/csv) or a key (jsonl/parquet)
+    text: int | str | None  # a list index (tsv/csv) or a key (jsonl/parquet); None for chat rows
     pair: int | str | None
     label: int | str | None  # None: no label read (causal-lm, or no label_column)
     width: int | None  # tsv/csv with a header: the number of columns every row must have
+    chat: dict[str, int | str] = field(default_factory=dict)  # chat rows: row key -> index or key
 
 
 class _BadRow(Exception):
@@ -350,10 +360,11 @@ def _find_columns(source: DataSource, path: Path, fmt: str, header: bool, task: 
     names = _read_columns(path, fmt, header)
     if fmt in ("tsv", "csv") and header and not names:
         raise DataError(f"{source.path}:1: the header line is empty")
-    text_ref = _column_ref(source, fmt, names, source.text_column, "text_column")
+    chat = chat_refs(source, lambda column, role: _column_ref(source, fmt, names, column, role))
+    text_ref = None if chat else _column_ref(source, fmt, names, source.text_column, "text_column")
     pair_ref = (
         _column_ref(source, fmt, names, source.text_pair_column, "text_pair_column")
-        if source.text_pair_column
+        if source.text_pair_column and not chat
         else None
     )
     needs_label = task == "sequence-classification"
@@ -363,7 +374,7 @@ def _find_columns(source: DataSource, path: Path, fmt: str, header: bool, task: 
         else None
     )
     width = len(names) if (names and fmt in ("tsv", "csv")) else None
-    return _Columns(names=names, text=text_ref, pair=pair_ref, label=label_ref, width=width)
+    return _Columns(names=names, text=text_ref, pair=pair_ref, label=label_ref, width=width, chat=chat)
 
 
 def _file_sha256(path: Path) -> str:
@@ -400,6 +411,9 @@ def _check_row(
     """
     row = _parse_row(raw, fmt)
     _check_shape(row, fmt, columns)
+    if columns.chat:  # causal-lm only: no label
+        check_chat_row(row, columns.chat, source, row_value)  # a ChatRowError is a bad row too
+        return -1
     text = row_value(row, columns.text)
     if text is None or not str(text).strip():
         raise _BadRow(f"empty text in column {source.text_column!r}")
@@ -434,7 +448,8 @@ def _check_shape(row: Any, fmt: str, columns: _Columns) -> None:
     """
     if fmt in ("tsv", "csv"):
         width = columns.width
-        needed = max(r for r in (columns.text, columns.pair, columns.label) if isinstance(r, int)) + 1
+        refs = (columns.text, columns.pair, columns.label, *columns.chat.values())
+        needed = max(r for r in refs if isinstance(r, int)) + 1
         if (width is not None and len(row) != width) or len(row) < needed:
             want = width if width is not None else needed
             raise _BadRow(f"expected {want} {'tab' if fmt == 'tsv' else 'comma'}-separated columns, found {len(row)}")
@@ -499,6 +514,7 @@ def _build_index(
         rows_read=rows_read,
         bad_rows=bad.count,
         bad_examples=bad.examples,
+        chat_index=columns.chat,
     )
 
 

@@ -12,6 +12,15 @@ folder whose files changed, naming the model, the folder and each file that chan
 Staging then placing keeps a registration atomic: the files are linked into ``.incoming-<random>`` first and
 hashed there, and the folder is renamed to its model id inside the registry's write transaction that assigns
 the id (:func:`place_staged`).
+
+An export on object storage (``output.dir: s3://...``) gets its version folder on the same store
+(:func:`stage_remote_export`): ``<output.dir>/<registry stem>-artifacts/<name>/<random>/``, uploaded from this
+machine's copy of the export, whose files are the ones hashed. Object stores have no rename (a server-side
+copy of every object inside the registry's write transaction would hold its lock for minutes on a large
+model), so the folder is written under its final, never reused name before the transaction, which then
+writes its manifest (one small PUT) and records its URI; a registration that fails deletes it. Nothing makes
+objects read-only there: the recorded hashes are what keep it honest (:func:`verify_files` checks a URI's
+files through this machine's copy, fetched again whenever an object's size or modification time changed).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orchestrator.storage as storage
 from orchestrator.lifecycle.registry_records import RegistryError
 
 MANIFEST_FILE = "orchestrator_registered.json"
@@ -78,13 +88,16 @@ def verify_files(model_id: str, folder: str, recorded: dict[str, str] | None) ->
 
     Args:
         model_id: the model, for the message.
-        folder: its local folder (URIs are not checked: their store keeps its own checksums).
+        folder: its local folder, or its URI (checked through this machine's copy of it).
         recorded: the file hashes registered (None: registered before hashes were recorded; not checked).
 
     Raises:
         ArtifactChangedError: the folder is gone, or files changed, are missing or were added.
     """
-    if recorded is None or ("://" in folder and not folder.startswith("file://")):
+    if recorded is None:
+        return
+    if storage.is_uri(folder):
+        _verify_remote(model_id, folder, recorded)
         return
     path = Path(folder.removeprefix("file://"))
     if not path.is_dir():
@@ -97,6 +110,26 @@ def verify_files(model_id: str, folder: str, recorded: dict[str, str] | None) ->
         raise ArtifactChangedError(
             f"{model_id}: the files in its registered folder {path} are not those registered: "
             + "; ".join(changes)
+            + ". A registered model's folder must not change: restore the files from a backup, or train and "
+            "register a new version"
+        )
+
+
+def _verify_remote(model_id: str, uri: str, recorded: dict[str, str]) -> None:
+    """:func:`verify_files` for a version folder on object storage: its files hashed in this machine's copy."""
+    try:
+        local = storage.local_copy(uri) if storage.list_files(uri) else None
+    except storage.StorageError as exc:
+        raise ArtifactChangedError(f"{model_id}: its registered folder cannot be read: {exc}") from None
+    if local is None:
+        raise ArtifactChangedError(
+            f"{model_id}: its registered folder {uri} is gone; restore it from a backup (the registry records the "
+            "sha256 of every file) or register the model again"
+        )
+    changes = describe_changes(recorded, folder_digests(local))
+    if changes:
+        raise ArtifactChangedError(
+            f"{model_id}: the files in its registered folder {uri} are not those registered: " + "; ".join(changes)
             + ". A registered model's folder must not change: restore the files from a backup, or train and "
             "register a new version"
         )
@@ -120,10 +153,13 @@ def verify_manifest(folder: Path) -> None:
 
 @dataclass
 class StagedArtifact:
-    """An export's files linked (or copied) into the registry's artifacts folder, hashed, not yet named."""
+    """An export's files linked (or copied) into the registry's artifacts folder, hashed, not yet named; or, on
+    object storage, uploaded to their version folder (``uri``), not yet recorded."""
 
     folder: Path
     files: dict[str, str]
+    uri: str | None = None  # object storage: the version folder, final from the start (no rename there)
+    placed: bool = False
 
     @property
     def sha256(self) -> str:
@@ -142,6 +178,21 @@ def stage_export(source: Path, artifacts_dir: Path) -> StagedArtifact:
     return StagedArtifact(folder=staging, files=folder_digests(staging))
 
 
+def stage_remote_export(source: str, artifacts_root: str, name: str) -> StagedArtifact:
+    """Copy an export on object storage to a fresh version folder ``<artifacts_root>/<name>/<random>`` on the
+    same store, and hash its files: those of this machine's copy of the export, which is what is uploaded.
+
+    Raises:
+        StorageError: the export cannot be read or the version folder written (naming the URI).
+    """
+    local = storage.local_copy(source)  # cached per version: ``orchestrator predict`` here reuses it
+    target = storage.join(artifacts_root, name, uuid.uuid4().hex[:12])
+    files = folder_digests(local)
+    for relative in files:  # file by file: a manifest the export may hold is not copied (it is written on place)
+        storage.upload(local / relative, storage.join(target, relative))
+    return StagedArtifact(folder=local, files=files, uri=target)
+
+
 def _link_or_copy(source: str, destination: str) -> None:
     try:
         os.link(source, destination)  # no second copy of the weights; a later export writes new files
@@ -156,25 +207,32 @@ def place_staged(staged: StagedArtifact, model_id: str, *, registry: Path) -> st
     folder already there is the leftover of a registration that failed after this step, and is replaced.
 
     Returns:
-        The version folder (absolute path), which the registry records as the artifact.
+        The version folder (absolute path, or URI on object storage), which the registry records as the artifact.
     """
+    if staged.uri is not None:
+        storage.write_text(storage.join(staged.uri, MANIFEST_FILE), json.dumps(_manifest(staged, model_id, registry),
+                                                                                indent=2) + "\n")
+        staged.placed = True
+        return staged.uri
     target = staged.folder.parent / model_id
     if target.exists():
         shutil.rmtree(target)
     staged.folder.rename(target)
-    manifest: dict[str, Any] = {
-        "model_id": model_id,
-        "registry": str(registry),
-        "sha256": staged.sha256,
-        "files": staged.files,
-    }
-    (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (target / MANIFEST_FILE).write_text(json.dumps(_manifest(staged, model_id, registry), indent=2) + "\n")
     _make_read_only(target)
     return str(target.resolve())
 
 
+def _manifest(staged: StagedArtifact, model_id: str, registry: Path) -> dict[str, Any]:
+    return {"model_id": model_id, "registry": str(registry), "sha256": staged.sha256, "files": staged.files}
+
+
 def discard_staged(staged: StagedArtifact) -> None:
     """Remove a staged folder whose registration did not happen."""
+    if staged.uri is not None:
+        if not staged.placed:
+            storage.delete(staged.uri)
+        return  # the local folder is this machine's cached copy of the export, not a staging folder
     if staged.folder.exists():
         shutil.rmtree(staged.folder, ignore_errors=True)
 

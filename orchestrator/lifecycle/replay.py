@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import orchestrator.storage as storage
 from orchestrator.lifecycle.registry_records import ModelRecord
 
 
@@ -76,8 +76,8 @@ def replay_pool(chain: Sequence[ModelRecord], warnings: list[str]) -> list[PoolE
             pool.setdefault(train["sha256"], PoolEntry(source, train["sha256"], int(train.get("rows", 0))))
     available = []
     for entry in pool.values():
-        path = Path(entry.source["path"])
-        if not path.is_file():
+        path = entry.source["path"]
+        if not storage.is_file(path):
             warnings.append(f"replay: {path} is gone; its {entry.rows} rows are not replayed")
             continue
         available.append(entry)

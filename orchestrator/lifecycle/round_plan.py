@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+import orchestrator.storage as storage
 from orchestrator.config import DataSource, JobConfig, config_from_dict
 from orchestrator.config.retrain import LoadedRetrain
 from orchestrator.errors import DataError
@@ -25,7 +26,7 @@ from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord
 from orchestrator.lifecycle.replay import replay_pool, sample_replay, split_holdout
 from orchestrator.lifecycle.row_io import Rows, RowTriple, jsonl_source, labels_in, read_rows, write_jsonl
-from orchestrator.lifecycle.run_registration import local_artifact
+from orchestrator.lifecycle.run_registration import artifact_model_path
 
 ROUND_JOB_FILE = "round.yaml"
 
@@ -116,8 +117,6 @@ def plan_round(
     registry: Registry,
     round_no: int,
     new_files: Sequence[DataFile],
-    *,
-    cache_dir: Path | None = None,
 ) -> RoundPlan:
     """Write the round's data files and build its job config (no training yet).
 
@@ -125,7 +124,7 @@ def plan_round(
         DataError: a new file brings labels the model does not know and the label space may not grow (see
             :mod:`orchestrator.lifecycle.label_space`), or a file cannot be read.
     """
-    plan = _start_planning(loaded, registry, round_no, cache_dir)
+    plan = _start_planning(loaded, registry, round_no)
     new_sources, new_rows = _read_new_files(plan, new_files)
     _grow_label_space(plan, new_sources, new_rows)
     train_rows, holdout_rows = _split_new_rows(plan, new_files, new_rows)
@@ -158,15 +157,15 @@ def plan_round(
     )
 
 
-def _start_planning(loaded: LoadedRetrain, registry: Registry, round_no: int, cache_dir: Path | None) -> _Planning:
-    """The champion and its lineage, and the model and labels the round starts from: the champion's (a remote
-    artifact copied under ``cache_dir``), else the base job's."""
+def _start_planning(loaded: LoadedRetrain, registry: Registry, round_no: int) -> _Planning:
+    """The champion and its lineage, and the model and labels the round starts from: the champion's (its folder
+    or URI), else the base job's."""
     base = loaded.job
     champion = registry.champion(loaded.name)
     chain = registry.ancestors(champion.id) if champion else []
     out_root = Path(base.output.dir).expanduser().resolve()
     if champion is not None:
-        start_model = local_artifact(champion, cache_dir or out_root / ".artifact-cache")
+        start_model = artifact_model_path(champion)  # a URI stays one: model.path takes URIs
         label_names = champion.data.get("label_names") or base.data.label_names
     else:
         start_model = base.model.path
@@ -282,7 +281,7 @@ def _earlier_eval_sets(plan: _Planning) -> dict[str, dict[str, Any]]:
         display = source.get("name") or Path(source["path"]).stem
         if display in evals:
             return
-        if not Path(source["path"]).expanduser().is_file():
+        if not storage.is_file(source["path"]):
             plan.warnings.append(f"eval set {display} ({origin}): {source['path']} is gone; not scored this round")
             return
         evals[display] = {**source, "name": display}

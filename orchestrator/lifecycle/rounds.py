@@ -39,11 +39,14 @@ from orchestrator.lifecycle.forgetting_gate import (
     gate_scores,
     score_history,
 )
+from orchestrator.lifecycle.model_card import write_run_cards
 from orchestrator.lifecycle.new_data import DataFile, detect_new_data, find_new_data, scan_watch
+from orchestrator.lifecycle.quantization import quantize_champion
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord, RoundRecord
 from orchestrator.lifecycle.round_plan import RoundPlan, plan_round
-from orchestrator.lifecycle.run_registration import register_run, registry_path
+from orchestrator.lifecycle.run_registration import register_run, registry_path, registry_problem
+from orchestrator.lifecycle.wandb_lineage import record_decision
 
 if TYPE_CHECKING:
     from orchestrator.cluster.results import TrainResult
@@ -69,6 +72,7 @@ class RoundResult:
     forgetting: dict[str, float] = field(default_factory=dict)
     new_files: list[DataFile] = field(default_factory=list)
     run_dir: Path | None = None
+    quantized: ModelRecord | None = None  # the promoted champion quantized (retrain file's quantize section)
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,9 @@ def open_round_registry(loaded: LoadedRetrain) -> Registry:
     """
     path = registry_path(loaded.job)
     if path is None:
-        raise OrchestratorError("the base job's output.registry is null; retraining needs a registry")
+        problem = registry_problem(loaded.job)  # a registry on object storage, else none at all
+        raise OrchestratorError(f"the base job's output.registry: {problem}" if problem else
+                                "the base job's output.registry is null; retraining needs a registry")
     return Registry(path)
 
 
@@ -140,7 +146,8 @@ def run_round(
         result = (train or run_training)(plan.job, address=address, progress=progress)
         verdict = _judge(loaded, registry, plan, result.metrics)
         record = _register_candidate(registry, plan, result, verdict)
-        _write_summary(plan, record, verdict)
+        quantized = _quantize_if_promoted(loaded, registry, plan, record)
+        _write_summary(plan, record, verdict, quantized)
         registry.update_round(
             claimed.id, status="succeeded", candidate_id=record.id, decision=verdict.decision, message=verdict.reason
         )
@@ -155,6 +162,7 @@ def run_round(
             forgetting=verdict.forgetting,
             new_files=new_files,
             run_dir=plan.run_dir,
+            quantized=quantized,
         )
     except BaseException as exc:
         registry.update_round(claimed.id, status="failed", message=f"{type(exc).__name__}: {exc}"[:4000])
@@ -228,11 +236,14 @@ def _judge(loaded: LoadedRetrain, registry: Registry, plan: RoundPlan, metrics: 
 
 def _register_candidate(registry: Registry, plan: RoundPlan, result: TrainResult, verdict: _Verdict) -> ModelRecord:
     """Register the round's model as a candidate with the round's lineage and data, then record the gate's
-    decision on it.
+    decision on it (in the registry, then in W&B).
 
     Raises:
         OrchestratorError: the round exported no model.
     """
+    # The candidate's cards, with the round's lineage and data (the round's job names no registry of its own).
+    write_run_cards(plan.job, result.run_dir, model_path=plan.job.model.path, data=plan.data_record(result.data),
+                    registry=registry, final_metrics=result.metrics)  # fmt: skip
     record = register_run(
         plan.job,
         result,
@@ -244,10 +255,24 @@ def _register_candidate(registry: Registry, plan: RoundPlan, result: TrainResult
     )
     if record is None:
         raise OrchestratorError(f"round {plan.round} exported no model (set output.save_final: true)")
-    return registry.decide(record.id, verdict.decision, verdict.reason)
+    decided = registry.decide(record.id, verdict.decision, verdict.reason)
+    record_decision(registry, decided.id)  # W&B aliases: champion + production, or rejected
+    return decided
 
 
-def _write_summary(plan: RoundPlan, record: ModelRecord, verdict: _Verdict) -> None:
+def _quantize_if_promoted(
+    loaded: LoadedRetrain, registry: Registry, plan: RoundPlan, record: ModelRecord
+) -> ModelRecord | None:
+    """The new champion quantized, when the retrain file asks for it (``quantize:``) and the gate promoted it."""
+    settings = loaded.config.quantize
+    if settings is None or record.status != "champion":
+        return None
+    return quantize_champion(registry, record, settings, plan.run_dir / f"quantized-{settings.method}")
+
+
+def _write_summary(
+    plan: RoundPlan, record: ModelRecord, verdict: _Verdict, quantized: ModelRecord | None = None
+) -> None:
     """Write the round's outcome as ``round.json`` in its run dir."""
     summary = {
         "name": plan.name,
@@ -263,5 +288,6 @@ def _write_summary(plan: RoundPlan, record: ModelRecord, verdict: _Verdict) -> N
         "label_names": plan.label_names,
         "labels_added": plan.labels_added,
         "warnings": plan.warnings,
+        "quantized": quantized.id if quantized else None,
     }
     (plan.run_dir / ROUND_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -66,7 +66,8 @@ def read_rows(source: DataSource, *, task: str, on_bad_rows: str, label_names: l
     texts, pairs, labels = [], [], []
     try:
         for i in range(len(scanned)):
-            text, pair, provisional = reader.get(i)
+            row = reader.get(i)
+            text, pair, provisional = row["text"], row["text_pair"], row["label"]
             label = None
             if task == "sequence-classification":
                 label = name_of(by_provisional[int(provisional)])

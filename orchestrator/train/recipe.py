@@ -19,12 +19,24 @@ import torch.distributed as dist
 
 from orchestrator.budget import StepBudget, best_metric_name
 from orchestrator.config import JobConfig
-from orchestrator.data.readers import Collator, PackedCollator, PackedReader, RowReader, train_batch_indices
+from orchestrator.data.batching import (
+    PackedExamples,
+    PackingCollator,
+    PaddingCollator,
+    attention_kind,
+    pad_token_id,
+    real_tokens,
+)
+from orchestrator.data.encoding import data_template_text
+from orchestrator.data.readers import train_batch_indices
 from orchestrator.data.sources import PreparedData
+from orchestrator.data.token_cache import open_token_cache
 from orchestrator.errors import TrainingError
 from orchestrator.methods import MethodContext, TrainBatchOutput, get_method
 from orchestrator.models.loading import apply_liger_kernel, compile_blocks, fetch_model, load_model, load_tokenizer
 from orchestrator.precision import torch_dtype
+from orchestrator.run_outputs import remote_child, scratch_dir
+from orchestrator.storage import is_uri
 from orchestrator.tracking import Tracker
 from orchestrator.train.best_snapshot import BestSnapshot
 from orchestrator.train.callbacks import (
@@ -53,6 +65,7 @@ from orchestrator.train.engine import (
 )
 from orchestrator.train.evaluation import all_reduce_sum, evaluate
 from orchestrator.train.export import export_hf_folder
+from orchestrator.train.generation import GenerationEval
 from orchestrator.train.memory import memory_mb
 from orchestrator.train.reshard import (
     global_batch_warning,
@@ -103,7 +116,8 @@ class TrainRecipe:
         self.extra_callbacks = list(payload.get("callbacks") or []) if callbacks is None else list(callbacks)
         self.config = JobConfig.model_validate(payload["config"])
         self.data: PreparedData = payload["data"]
-        self.run_dir = Path(payload["run_dir"])
+        self.run_folder: str = payload["run_dir"]  # a URI when output.dir is one (orchestrator.run_outputs)
+        self.run_dir = scratch_dir(self.run_folder, scratch_root=payload.get("scratch_root"))  # written locally
         self.model_path: str = payload["model_path"]
         self.state = TrainState()
         self.output: TrainBatchOutput | None = None  # the current micro-batch's loss (callbacks may replace it)
@@ -111,6 +125,7 @@ class TrainRecipe:
         self.checkpoint_upload_fn: Any = None  # set by callbacks before a checkpoint (BEFORE_CHECKPOINT)
         self.finished = False
         self.best_snapshot: BestSnapshot | None = None
+        self.generation: GenerationEval | None = None  # eval sets scored by generation, built at the first eval
 
     def run(self) -> TrainingError | None:
         """Set up, restore, train, clean up. Returns the error training stopped on without failing the workers (a
@@ -155,6 +170,8 @@ class TrainRecipe:
         m = self.config.model
         self._fetch_model_once_per_node()
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=m.trust_remote_code)
+        if self.config.data.chat_template is not None:  # saved with the exports: predict renders chats with it
+            self.tokenizer.chat_template = data_template_text(self.config.data)
         zero3_config = self._zero3_load_config()
         model = load_model(
             self.model_path,
@@ -222,18 +239,27 @@ class TrainRecipe:
         self.universal = needs_universal(self.saved, world_size=self.world_size)
 
     def _setup_readers(self) -> None:
-        """Readers and collator, then the step budget (a resume on another world size keeps the saved one)."""
-        # Readers before the step budget: with data.packing an example is a packed block, counted once tokenized.
+        """Token caches (orchestrator.data.token_cache: built once per node by its local rank 0, memory-mapped by
+        every rank), the collator, then the step budget (a resume on another world size keeps the saved one)."""
+        # Examples before the step budget: with data.packing an example is a packed block, counted once tokenized.
         d, task = self.config.data, self.config.model.task
+        caches = [
+            open_token_cache(source, scanned, d, self.tokenizer, task=task, builder=self.local_rank == 0,
+                             cache_dir=self.payload.get("cache_dir"))
+            for source, scanned in [(d.train, self.data.train), *zip(d.eval, self.data.evals)]
+        ]
+        # Rows the encoders dropped (on_bad_rows: skip) are counted in the copies of the scans the caches hold.
+        self.data = replace(self.data, train=caches[0].scanned, evals=[c.scanned for c in caches[1:]])
+        pad_id = pad_token_id(self.tokenizer)
+        readers: list[Any] = caches
         if d.packing:
-            self.collator: Any = PackedCollator()
-            packed = {"block_size": d.max_length, "cache_dir": self.payload.get("cache_dir")}
-            self.train_reader: Any = PackedReader(self.data.train, self.tokenizer, **packed)
-            self.eval_readers: list[Any] = [PackedReader(e, self.tokenizer, **packed) for e in self.data.evals]
+            self.collator: Any = PackingCollator(pad_id, attention=attention_kind(self.model), block_size=d.max_length)
+            readers = [PackedExamples(c, block_size=d.max_length) for c in caches]
         else:
-            self.collator = Collator(self.tokenizer, task=task, max_length=d.max_length)
-            self.train_reader = RowReader(self.data.train)
-            self.eval_readers = [RowReader(e) for e in self.data.evals]
+            self.collator = PaddingCollator(pad_id, task=task)
+        self.train_reader: Any = readers[0]
+        self.eval_readers: list[Any] = readers[1:]
+        self.setup_times["data_ready"] = time.time()
         budget = StepBudget.for_job(self.config, len(self.train_reader), self.world_size)
         if self.new_world_size and self.saved.get("total_steps"):
             budget = replace(budget, total_steps=self.saved["total_steps"])  # the restored LR schedule counts to it
@@ -336,7 +362,8 @@ class TrainRecipe:
         state.grad_accumulation, state.zero_stage = t.grad_accumulation, self.engine.zero_optimization_stage()
         state.total_steps = self.budget.total_steps
         self.metric_name, self.metric_mode = best_metric_name(self.config, self.data)
-        self.tracker = Tracker(self.config, self.run_dir, enabled=self.rank == 0)
+        self.tracker = Tracker(self.config, self.run_dir, enabled=self.rank == 0,
+                               publish_to=self.run_folder if is_uri(self.run_folder) else None)
 
     def _reshard_position(self) -> None:
         """The resume position in rows of a checkpoint written by another world size or batch size."""
@@ -407,8 +434,7 @@ class TrainRecipe:
         state = self.state
         batch = self.collator([self.train_reader.get(int(i)) for i in batch_indices])
         # Real (non-padding) tokens, counted on the host before the copy so no device sync is added.
-        mask = batch.get("attention_mask")
-        tokens = (int(mask.sum()) if mask is not None else batch["input_ids"].numel()) * self.world_size
+        tokens = real_tokens(batch) * self.world_size
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.callbacks.fire(Event.BEFORE_FORWARD, self)
         self.output = self.method.compute_loss(self.engine, batch)
@@ -451,6 +477,8 @@ class TrainRecipe:
             import ray.train
 
             ray.train.report(metrics)
+        if do_eval or do_ckpt:
+            self.tracker.publish()  # a URI run folder gets the records up to here
         if last:
             self.finished = True
             return
@@ -532,13 +560,18 @@ class TrainRecipe:
                 label_ids=reader.scanned.label_subset,
             )
             metrics.update({f"{reader.scanned.name}/{k}": v for k, v in values.items()})
+        self.generation = self.generation or GenerationEval.for_job(self.config, self.data, self.tokenizer)
+        metrics.update(self.generation.metrics(  # collective: every rank generates, in step under ZeRO-3
+            self.engine, self.tokenizer, batch_size=t.eval_batch_size, rank=self.rank, world_size=self.world_size,
+            device=self.device, zero_stage=self.config.deepspeed.stage))
         return metrics
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """Hand this step's checkpoint and metrics to Ray Train (``orchestrator.train.checkpointing``)."""
         self.checkpoint_upload_fn = None
         self.callbacks.fire(Event.BEFORE_CHECKPOINT, self)
-        save_checkpoint(self.engine, self.state, rank=self.rank, metrics=metrics, upload_fn=self.checkpoint_upload_fn)
+        save_checkpoint(self.engine, self.state, rank=self.rank, metrics=metrics, upload_fn=self.checkpoint_upload_fn,
+                        upload=self.config.output.checkpoint_upload)
         self.callbacks.fire(Event.AFTER_CHECKPOINT, self)
 
     def export(self, name: str, metrics: dict[str, Any]) -> None:
@@ -554,6 +587,7 @@ class TrainRecipe:
             label_names=self.data.label_names,
             is_rank0=self.rank == 0,
             method=self.method,
+            publish_to=remote_child(self.run_folder, name),
         )
         self.tracker.log("export", self.state.step, {"export/name": name, "export/started": started,
                                                      "export/seconds": time.time() - started})
@@ -564,6 +598,8 @@ class TrainRecipe:
         self.train_reader.close()
         for reader in self.eval_readers:
             reader.close()
+        if self.generation is not None:
+            self.generation.close()
         self.tracker.finish()
         if dist.is_initialized():
             dist.barrier()

@@ -89,6 +89,13 @@ def plan_sweep(config: JobConfig, *, resume: bool = False, source: str | None = 
     mode = _resolve_mode(tune_cfg.mode, metric)
     _check_scheduler(tune_cfg, base_config, space, evals, issues)
     _check_name(config, sweep_dir, resume, issues)
+    if "://" in config.output.dir:  # not <cwd>/s3:/... (what Path() made of it): say so before anything runs
+        issues.append(ConfigIssue(
+            location="output.dir",
+            message=f"{config.output.dir}: a sweep keeps its folder (Tune's experiment state, trials, results) on a "
+            "local or shared filesystem for now; `orchestrator train` runs write to a bucket",
+            hint="give the sweep a local or shared output.dir (a network volume every node mounts)",
+        ))
     if issues:
         raise ConfigError(issues, source=source)
     return SweepPlan(
@@ -127,7 +134,8 @@ def _base_job(config: JobConfig) -> dict[str, Any]:
     data = config.to_dict()
     data.pop("tune", None)
     for key, value in config.path_fields().items():
-        set_dotted(data, key, str(Path(value).expanduser().resolve()))
+        if "://" not in value:  # URIs stay as they are
+            set_dotted(data, key, str(Path(value).expanduser().resolve()))
     return data
 
 

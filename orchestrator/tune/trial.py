@@ -315,6 +315,11 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     fit.join()
     if fit.error is not None:
         raise fit.error
+    from orchestrator.lifecycle.model_card import write_run_cards
+
+    # The trial's exports get their cards here: the sweep's best_model is a copy of one of them.
+    write_run_cards(checked.config, checked.run_folder or checked.run_dir, model_path=checked.model_path,
+                    data=checked.data.summary())  # fmt: skip
 
 
 @dataclass

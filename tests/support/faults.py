@@ -12,6 +12,7 @@ tests folder on their path.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,33 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class FailAfterCheckpoint(Callback):
-    """Raise right after the checkpoint of the first step at or past ``step`` has been handed to Ray Train."""
+    """Raise right after the checkpoint of the first step at or past ``step`` has been committed by Ray Train.
+
+    With ``output.checkpoint_upload: async`` the report returns before the upload ends; the fault waits for this
+    worker's checkpoint to be registered (``ray.train.get_checkpoint()`` changes), so the restart resumes from it
+    as it would under ``sync`` (a failure during the upload is another fault: the run resumes from the one before).
+    """
 
     def __init__(self, step: int):
         self.step = step
+        self._before: Any = None
+
+    def before_checkpoint(self, recipe: Run) -> None:
+        self._before = _checkpoint_path()
 
     def after_checkpoint(self, recipe: Run) -> None:
         if not recipe.started_from_checkpoint and recipe.state.step >= self.step:
+            deadline = time.monotonic() + 120
+            while _checkpoint_path() == self._before and time.monotonic() < deadline:
+                time.sleep(0.05)
             raise RuntimeError(f"injected fault after the checkpoint at step {recipe.state.step}")
+
+
+def _checkpoint_path() -> str | None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    return checkpoint.path if checkpoint is not None else None
 
 
 class FailWhileUploadingCheckpoint(Callback):

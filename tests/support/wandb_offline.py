@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OfflineRun", "find_offline_runs", "read_offline_run", "iter_records"]
+__all__ = ["OfflineArtifact", "OfflineRun", "find_offline_runs", "read_offline_run", "iter_records"]
 
 _IDENT = b":W&B"
 _MAGIC = 0xBEE1
@@ -43,6 +43,35 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 # Keys that wandb adds to every history row besides ``_step``; dropped so rows hold what was logged.
 _HISTORY_INTERNAL_KEYS = frozenset({"_timestamp", "_runtime", "_wandb"})
 _RUN_DIR_RE = re.compile(r"^offline-run-(\d{8}_\d{6})-(.+)$")
+
+
+@dataclass
+class OfflineArtifact:
+    """One artifact a run logged (``log_artifact``) or declared as its input (``use_artifact``).
+
+    Offline, wandb records both as artifact records; an input is one with ``use_after_commit`` (what
+    ``use_artifact`` of a not-yet-logged artifact writes), which ``wandb sync`` turns into the input edge.
+
+    Attributes:
+        name: The artifact (collection) name.
+        type: The artifact type (``model``, ``dataset``, ...).
+        digest: W&B's digest of the manifest: the same files (or references) give the same digest, i.e. the
+            same W&B version.
+        aliases: The aliases set by this record (``latest`` included, as wandb adds it).
+        metadata: The artifact's metadata.
+        references: ``{path in the artifact: reference URI}`` (empty for uploaded files).
+        used: True for an input of the run (``use_artifact``), False for an output (``log_artifact``).
+        tags: The artifact tags set by this record.
+    """
+
+    name: str
+    type: str
+    digest: str
+    aliases: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, str] = field(default_factory=dict)
+    used: bool = False
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +92,9 @@ class OfflineRun:
             wandb's internal ``_wandb`` key.
         tags: The run tags.
         exit_code: The exit code recorded by ``run.finish()``; ``None`` if the run never finished.
+        artifacts: The artifacts logged or used, in order (see :class:`OfflineArtifact`).
+        start_time: When this run (or this resumed part of it) started, in seconds since the epoch, to the
+            microsecond (the folder name has seconds only); ``None`` if not recorded.
     """
 
     path: Path
@@ -76,6 +108,8 @@ class OfflineRun:
     summary: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     exit_code: int | None = None
+    artifacts: list[OfflineArtifact] = field(default_factory=list)
+    start_time: float | None = None
 
 
 def iter_records(wandb_file: str | Path) -> Iterator[Any]:
@@ -182,6 +216,8 @@ def read_offline_run(path: str | Path) -> OfflineRun:
             run.history.append(_history_row(record.history))
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+        elif kind == "artifact":
+            run.artifacts.append(_artifact(record.artifact))
 
     config.pop("_wandb", None)
     summary.pop("_wandb", None)
@@ -246,10 +282,25 @@ def _apply_run_record(run: OfflineRun, record: Any, config: dict[str, Any], summ
     if record.job_type:
         run.job_type = record.job_type
     run.tags = list(record.tags)
+    if record.HasField("start_time") and run.start_time is None:
+        run.start_time = record.start_time.seconds + record.start_time.nanos / 1e9
     if record.HasField("config"):
         _apply_updates(config, record.config.update, record.config.remove)
     if record.HasField("summary"):
         _apply_updates(summary, record.summary.update, record.summary.remove)
+
+
+def _artifact(record: Any) -> OfflineArtifact:
+    return OfflineArtifact(
+        name=record.name,
+        type=record.type,
+        digest=record.digest,
+        aliases=list(record.aliases),
+        metadata=_loads(record.metadata) or {},
+        references={entry.path: entry.ref for entry in record.manifest.contents if entry.ref},
+        used=record.use_after_commit,
+        tags=list(record.tags),
+    )
 
 
 def _item_path(item: Any) -> list[str]:
