@@ -41,6 +41,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_tokenizer() -> Any:
+    """The real all-MiniLM-L6-v2 tokenizer (the demo extra's package), loaded once."""
+    from orchestrator.errors import ModelError
+    from orchestrator.models.loading import load_tokenizer, resolve_model_path
+
+    try:
+        return load_tokenizer(resolve_model_path("minilm"))
+    except ModelError as exc:
+        pytest.skip(f"MiniLM is not installed: {exc}")
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """2-layer, hidden-32 models with random weights: an encoder (BERT) and causal LMs (GPT-2, Llama)."""
     from tests.support.tiny_models import make_tiny_model

@@ -16,7 +16,7 @@ from orchestrator.data.batching import PaddingCollator, pad_token_id
 from orchestrator.data.encoding import make_encoder
 from orchestrator.data.readers import RowReader, eval_batch_indices, train_batch_indices
 from orchestrator.data.sources import PreparedData, prepare_data
-from orchestrator.errors import DataError, ModelError
+from orchestrator.errors import DataError
 
 CLASSIFY = "sequence-classification"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -446,14 +446,9 @@ def test_eval_batches_weight_every_row_exactly_once(n: int, world: int, batch: i
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from orchestrator.models.loading import load_tokenizer, resolve_model_path
-
-    try:
-        return load_tokenizer(resolve_model_path("minilm"))
-    except ModelError as exc:
-        pytest.skip(f"MiniLM is not installed: {exc}")
+@pytest.fixture
+def tokenizer(minilm_tokenizer: Any) -> Any:
+    return minilm_tokenizer
 
 
 def collate(tokenizer: Any, rows: list[tuple[str, str | None, int]], *, task: str, max_length: int) -> Any:

@@ -109,11 +109,9 @@ def _score(tokenizer: Any, *, rank: int, world_size: int, zero_stage: int = 0) -
     return metrics, model
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from orchestrator.models.loading import load_tokenizer, resolve_model_path
-
-    return load_tokenizer(resolve_model_path("minilm"))
+@pytest.fixture
+def tokenizer(minilm_tokenizer: Any) -> Any:
+    return minilm_tokenizer
 
 
 def test_exact_match_is_the_share_of_rows_a_copying_model_gets_right(tokenizer: Any) -> None:

@@ -15,19 +15,14 @@ from orchestrator.data import token_cache
 from orchestrator.data.encoding import make_encoder
 from orchestrator.data.sources import prepare_data
 from orchestrator.data.token_cache import TokenCache, open_token_cache
-from orchestrator.errors import DataError, ModelError
+from orchestrator.errors import DataError
 
 CLASSIFY = "sequence-classification"
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from orchestrator.models.loading import load_tokenizer, resolve_model_path
-
-    try:
-        return load_tokenizer(resolve_model_path("minilm"))
-    except ModelError as exc:
-        pytest.skip(f"MiniLM is not installed: {exc}")
+@pytest.fixture
+def tokenizer(minilm_tokenizer: Any) -> Any:
+    return minilm_tokenizer
 
 
 def text_file(tmp_path: Path, rows: int = 60, name: str = "lm.tsv") -> Path:

@@ -96,43 +96,32 @@ def verify_files(model_id: str, folder: str, recorded: dict[str, str] | None) ->
     """
     if recorded is None:
         return
-    if storage.is_uri(folder):
-        _verify_remote(model_id, folder, recorded)
-        return
-    path = Path(folder.removeprefix("file://"))
-    if not path.is_dir():
+    shown = folder if storage.is_uri(folder) else folder.removeprefix("file://")
+    local = _readable_copy(model_id, folder)
+    if local is None:
         raise ArtifactChangedError(
-            f"{model_id}: its registered folder {path} is gone; restore it from a backup (the registry records "
+            f"{model_id}: its registered folder {shown} is gone; restore it from a backup (the registry records "
             "the sha256 of every file) or register the model again"
         )
-    changes = describe_changes(recorded, folder_digests(path))
+    changes = describe_changes(recorded, folder_digests(local))
     if changes:
         raise ArtifactChangedError(
-            f"{model_id}: the files in its registered folder {path} are not those registered: "
+            f"{model_id}: the files in its registered folder {shown} are not those registered: "
             + "; ".join(changes)
             + ". A registered model's folder must not change: restore the files from a backup, or train and "
             "register a new version"
         )
 
 
-def _verify_remote(model_id: str, uri: str, recorded: dict[str, str]) -> None:
-    """:func:`verify_files` for a version folder on object storage: its files hashed in this machine's copy."""
+def _readable_copy(model_id: str, folder: str) -> Path | None:
+    """The folder to hash: itself when local, this machine's copy of it on object storage; None when it is gone."""
+    if not storage.is_uri(folder):
+        path = Path(folder.removeprefix("file://"))
+        return path if path.is_dir() else None
     try:
-        local = storage.local_copy(uri) if storage.list_files(uri) else None
+        return storage.local_copy(folder) if storage.list_files(folder) else None
     except storage.StorageError as exc:
         raise ArtifactChangedError(f"{model_id}: its registered folder cannot be read: {exc}") from None
-    if local is None:
-        raise ArtifactChangedError(
-            f"{model_id}: its registered folder {uri} is gone; restore it from a backup (the registry records the "
-            "sha256 of every file) or register the model again"
-        )
-    changes = describe_changes(recorded, folder_digests(local))
-    if changes:
-        raise ArtifactChangedError(
-            f"{model_id}: the files in its registered folder {uri} are not those registered: " + "; ".join(changes)
-            + ". A registered model's folder must not change: restore the files from a backup, or train and "
-            "register a new version"
-        )
 
 
 def verify_manifest(folder: Path) -> None:
@@ -210,8 +199,9 @@ def place_staged(staged: StagedArtifact, model_id: str, *, registry: Path) -> st
         The version folder (absolute path, or URI on object storage), which the registry records as the artifact.
     """
     if staged.uri is not None:
-        storage.write_text(storage.join(staged.uri, MANIFEST_FILE), json.dumps(_manifest(staged, model_id, registry),
-                                                                                indent=2) + "\n")
+        storage.write_text(
+            storage.join(staged.uri, MANIFEST_FILE), json.dumps(_manifest(staged, model_id, registry), indent=2) + "\n"
+        )
         staged.placed = True
         return staged.uri
     target = staged.folder.parent / model_id

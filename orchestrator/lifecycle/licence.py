@@ -113,7 +113,9 @@ def check_licence(config: JobConfig, model_path: str) -> list[ConfigIssue]:
     if distill is None:
         models = [("model.path", model_path, job_licence(stated, model_path))]
     else:
-        teacher = _resolve_quietly(distill.teacher)  # an alias names a package folder
+        from orchestrator.models.loading import resolve_quietly
+
+        teacher = resolve_quietly(distill.teacher)  # an alias names a package folder
         models = [("distill.teacher", teacher, job_licence(stated, teacher))]
         if distill.student_init != "teacher_layers":  # else model.path only lends its tokenizer
             models.append(("model.path", model_path, declared_licence(model_path)))
@@ -143,13 +145,3 @@ def check_licence(config: JobConfig, model_path: str) -> list[ConfigIssue]:
                 )
             )
     return issues
-
-
-def _resolve_quietly(spec: str) -> str:
-    from orchestrator.errors import ModelError
-    from orchestrator.models.loading import resolve_model_path
-
-    try:
-        return resolve_model_path(spec)
-    except ModelError:  # reported by the method's own preflight
-        return spec

@@ -31,6 +31,7 @@ import orchestrator.storage as storage
 from orchestrator.errors import OrchestratorError
 from orchestrator.lifecycle.licence import licence_problem
 from orchestrator.lifecycle.run_registration import lineage_fields, metrics_by_eval_set, registry_path
+from orchestrator.models.loading import resolve_quietly
 from orchestrator.tracking import is_secret_name, read_metrics, redact_secrets
 
 if TYPE_CHECKING:
@@ -369,7 +370,7 @@ def _run_facts(config: JobConfig, model_path: str, registry: Registry | None) ->
         fields = lineage_fields(config, registry, model_path)
     else:
         teacher = config.distill.teacher if config.method == "distill" and config.distill is not None else None
-        parent_path = _resolve_quietly(teacher) if teacher else model_path
+        parent_path = resolve_quietly(teacher) if teacher else model_path
         fields = {"parent_id": None, "parent_ref": parent_path, "teacher_id": None, "teacher_ref": teacher,
                   "base_model": parent_path, "licence": None}  # fmt: skip
     parent = fields["parent_id"] or fields["parent_ref"]
@@ -386,16 +387,6 @@ def _run_facts(config: JobConfig, model_path: str, registry: Registry | None) ->
         "teacher": fields["teacher_id"] or fields["teacher_ref"],
         "lineage": lineage,
     }
-
-
-def _resolve_quietly(spec: str) -> str:
-    from orchestrator.errors import ModelError
-    from orchestrator.models.loading import resolve_model_path
-
-    try:
-        return resolve_model_path(spec)
-    except ModelError:
-        return spec
 
 
 def _is_adapter(folder: str) -> bool:

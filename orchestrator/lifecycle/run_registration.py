@@ -34,6 +34,7 @@ from orchestrator.lifecycle.artifact_store import (
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord, artifact_key
 from orchestrator.lifecycle.wandb_lineage import log_model_version
+from orchestrator.models.loading import resolve_quietly
 from orchestrator.version import __version__
 
 if TYPE_CHECKING:
@@ -177,15 +178,6 @@ def metrics_by_eval_set(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _resolve_quietly(spec: str) -> str:
-    from orchestrator.models.loading import resolve_model_path
-
-    try:
-        return resolve_model_path(spec)
-    except ModelError:
-        return spec
-
-
 def _is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
@@ -237,7 +229,7 @@ def register_run(
     artifact_dir = result.final_model or result.best_model
     if registry is None or artifact_dir is None:
         return None
-    model_path = checked.model_path if checked is not None else _resolve_quietly(config.model.path)
+    model_path = checked.model_path if checked is not None else resolve_quietly(config.model.path)
     lineage = lineage_fields(config, registry, model_path)
     recorded = metrics_by_eval_set(result.metrics)
     if metrics:
@@ -317,7 +309,7 @@ def lineage_fields(config: JobConfig, registry: Registry, model_path: str) -> di
     teacher_path = None
     distill = getattr(config, "distill", None)
     if config.method == "distill" and distill is not None:
-        teacher_path = _resolve_quietly(distill.teacher)
+        teacher_path = resolve_quietly(distill.teacher)
         parent_path = teacher_path  # a student derives from its teacher
     parent = _find_registered(registry, parent_path)
     teacher = _find_registered(registry, teacher_path) if teacher_path else None

@@ -58,6 +58,15 @@ def resolve_model_path(path: str) -> str:
     return path  # a hub id: from_pretrained reads it from the cache, or downloads it when online
 
 
+def resolve_quietly(spec: str) -> str:
+    """:func:`resolve_model_path` of ``spec``, or ``spec`` itself when it does not resolve (for records and
+    cards: the job's own model checks report the error)."""
+    try:
+        return resolve_model_path(spec)
+    except ModelError:
+        return spec
+
+
 def _resolve_model_uri(path: str) -> str:
     """A model folder on object storage: its normalized URI, once its config.json is found there.
 
