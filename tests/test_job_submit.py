@@ -25,6 +25,7 @@ import yaml
 
 from orchestrator.cluster.jobs import find_auth_token
 from tests.conftest import REPO, tiny_job
+from tests.support.s3_server import S3_TEST_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +50,8 @@ def _user_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, **extra}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
+    for name in S3_TEST_ENV:  # the test session's S3 server (conftest's s3_server): not this user's shell
+        env.pop(name, None)
     return env
 
 

@@ -505,7 +505,8 @@ class OutputSection(_Section):
         "async",
         description="How a checkpoint reaches storage_path: 'async' trains on while Ray uploads it in the "
         "background (a failure before the upload ends resumes from the checkpoint before it); 'sync' waits for "
-        "the upload at every checkpoint.",
+        "the upload at every checkpoint. Sweep trials always use 'sync' (a scheduler must see a result before the "
+        "trial trains on).",
     )
     keep_checkpoints: int = Field(2, gt=0, description="Resumable checkpoints kept (see keep_checkpoints_by).")
     keep_checkpoints_by: Literal["latest", "best"] = Field(

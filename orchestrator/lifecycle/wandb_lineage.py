@@ -35,8 +35,8 @@ Aliases are unique within an artifact collection in W&B, so setting one on a ver
 ``latest`` is W&B's own (wandb adds it to every logged or declared version), not a registry status.
 
 W&B mode, project, entity and group are those of the model's job (``tracking.wandb`` in the registered
-config): online when the job's mode resolves online, offline files otherwise (``<run dir>/wandb`` for a resumed
-training run, ``<registry folder>/wandb`` for registry runs; ``wandb sync`` uploads them later), nothing when
+config): online when the job's mode resolves online, offline files otherwise (in ``<registry folder>/wandb``, for the
+resumed training run too; ``wandb sync`` uploads them later), nothing when
 disabled. W&B never fails a registration or a decision: any error is one warning and the SQLite registry,
 which is the record, is unchanged (as :class:`orchestrator.tracking.Tracker` does for training).
 
@@ -300,11 +300,11 @@ def log_model_version(registry: Registry, record: ModelRecord, *, run_dir: str |
         if target is None:
             return None
         run_id = training_run_id(run_dir)
-        local_run = run_dir is not None and not is_uri(str(run_dir)) and Path(run_dir).is_dir()
-        folder = Path(run_dir) if run_id and local_run else registry.path.parent
+        # Offline files beside the registry, not in the run folder: the run folder keeps exactly the training
+        # run's own files (a resumed offline run is a second folder with the same id; `wandb sync` merges them).
         started = start_run(
             target,
-            folder=folder,
+            folder=registry.path.parent,
             run_id=run_id,
             job_type="quantize" if record.method == "quantize" else REGISTRY_JOB_TYPE,
             name=f"register-{record.id}",

@@ -83,6 +83,10 @@ def trial_config(plan: TrialPlan, params: dict[str, Any], trial_id: str) -> JobC
         ("name", trial_job_name(plan.sweep_name, trial_id)),
         ("output.dir", plan.trials_dir),
         ("output.save_best", True),
+        # A trial's result must reach Tune before it trains on: with async upload Ray reports a checkpointed result
+        # only once its upload ends, so a trial ASHA (or a stopper, PBT) stops would train an interval or more past
+        # the decision; that is the compute early stopping exists to save.
+        ("output.checkpoint_upload", "sync"),
         ("training.metric", plan.metric),
         ("training.metric_mode", plan.mode),
         ("tracking.wandb.group", plan.sweep_name),

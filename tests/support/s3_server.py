@@ -19,6 +19,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The standard variables the server is announced by (S3Server.env), which the test session sets for Ray's workers.
+S3_TEST_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+)
 # The calls allowed without credentials: create the user, its key and its policy.
 _SETUP_CALLS = 3
 
