@@ -91,6 +91,27 @@ def train(
     if skipped:
         table.add_row("bad rows skipped (train)", str(skipped))
     console.print(table)
+    if result.start_vs_end:
+        console.print(_start_table(result.start_vs_end))
+
+
+def _start_table(comparison: dict) -> Table:
+    """The run's end against the model it started from: per eval set start, end and change (a ratio for sizes
+    and speeds, marked x); a new classification head has no start score, which the title says."""
+    from orchestrator.start_vs_end import describe_reference, table_rows
+
+    table = Table(title=f"against the start: {describe_reference(comparison)}", title_justify="left")
+    for heading in ("eval set", "metric", "start", "end", "change"):
+        table.add_column(heading, overflow="fold")
+    for name, metric, start, end, change in table_rows(comparison):
+        ratio = metric.endswith("(x)")
+        table.add_row(name, metric, _shown(start), _shown(end),
+                      "-" if change is None else f"{change:.3f}x" if ratio else f"{change:+.4f}")
+    return table
+
+
+def _shown(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else f"{value:,}"
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -290,8 +311,9 @@ def _quantize_table(result: QuantizeResult) -> Table:
 def sweep(
     config_path: Path = typer.Argument(None, help="YAML job file with a tune section."),
     overrides: list[str] = SetOption,
-    resume: Path = typer.Option(
-        None, "--resume", help="Continue the sweep in this folder (after its driver died); no config file needed."
+    resume: str = typer.Option(
+        None, "--resume", help="Continue the sweep in this folder or URI (s3://...) after its driver died; no config "
+        "file needed."
     ),
     address: str = typer.Option(
         None, "--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)."
@@ -313,7 +335,7 @@ def sweep(
     except Exception as exc:  # Ray wraps errors; show the root cause, not a Ray traceback
         _fail(_root_cause(exc), code=1)
     params = sorted({p for t in result.trials for p in t.params})
-    table = Table(title=f"sweep {result.sweep_dir.name}: {result.metric} ({result.mode})")
+    table = Table(title=f"sweep {Path(str(result.sweep_dir)).name}: {result.metric} ({result.mode})")
     for column in ("trial", "status", f"best {result.metric}", "steps", *params, "note"):
         table.add_column(column, overflow="fold")
     for t in result.trials:

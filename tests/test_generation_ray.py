@@ -95,8 +95,14 @@ def test_zero3_workers_generate_in_step_and_each_row_counts_once(
 
     result = run_training(config_from_dict(job))
 
-    evals = [r for r in read_metrics(result.run_dir) if r["kind"] == "eval"]
+    records = read_metrics(result.run_dir)
+    evals = [r for r in records if r["kind"] == "eval"]
     assert sum(hit) >= 3 and evals[-1]["chat/exact_match"] == pytest.approx(sum(hit) / ROWS)
+    # Before the first step the model it starts from was scored the same way, in step on both ranks too.
+    (start,) = [r for r in records if r["kind"] == "start_eval"]
+    assert start["step"] == 0 and start["reference"] == "model" and start["fresh_head"] is None
+    assert start["chat/exact_match"] == pytest.approx(sum(hit) / ROWS) and start["chat/loss"] > 0
+    assert result.start_vs_end["delta"]["chat"]["exact_match"] == pytest.approx(0.0)
     assert evals[-1]["chat/loss"] > 0 and evals[-1]["chat/perplexity"] > 1  # loss and perplexity beside it
     # The export carries the chat template: predict reads an input as the user turn and answers as in the eval.
     assert generate(result.final_model, questions[:3], max_new_tokens=4) == [a.strip() for a in answers[:3]]

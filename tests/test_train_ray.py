@@ -156,6 +156,13 @@ def test_resume_continues_from_the_latest_checkpoint(ray_cluster, tiny_models, s
     train_steps = [r["step"] for r in records if r["kind"] == "train"]
     assert train_steps == [1, 2, 3, 4, 5, 6]  # continued at step 5, not from step 0
     assert result.metrics["step"] == 6
+    # The start was scored once, by the first attempt (a new head: no score, and why); the resumed run's end is
+    # compared with it from its checkpointed state.
+    (start,) = [r for r in records if r["kind"] == "start_eval"]
+    assert "no classification head" in start["fresh_head"] and "sst2/accuracy" not in start
+    assert result.start_vs_end["reference"]["fresh_head"] == start["fresh_head"]
+    assert result.start_vs_end["end"]["sst2"]["accuracy"] == result.metrics["sst2/accuracy"]
+    assert result.start_vs_end["delta"] == {} and result.start_vs_end["params"]["start"] > 0
 
 
 def test_worker_failure_restarts_from_checkpoint(ray_cluster, tiny_models, shared_data, tmp_path, monkeypatch):

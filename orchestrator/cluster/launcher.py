@@ -21,6 +21,7 @@ from orchestrator.cluster.run_lock import run_lock
 from orchestrator.config import JobConfig
 from orchestrator.errors import TrainingError
 from orchestrator.run_outputs import SCRATCH_ENV, is_published
+from orchestrator.start_vs_end import COMPARISON_KIND
 from orchestrator.tracking import METRICS_FILE, read_metrics, verbose_output
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,14 @@ def _train_result(checked: Preflight, result: Any) -> TrainResult:
         checkpoint_path=_checkpoint_uri(checked, result.checkpoint),
         wandb=wandb_path,
         data=_data_summary(checked, records),
+        start_vs_end=_comparison(records),
     )
+
+
+def _comparison(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's last ``start_vs_end`` record (rank 0 writes one after its last eval), without its bookkeeping."""
+    found = [r for r in records if r.get("kind") == COMPARISON_KIND]
+    return {k: v for k, v in found[-1].items() if k not in ("kind", "step", "time")} if found else None
 
 
 def _data_summary(checked: Preflight, records: list[dict[str, Any]]) -> dict[str, Any]:

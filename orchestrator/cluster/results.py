@@ -22,3 +22,5 @@ class TrainResult:
     wandb: str | None
     data: dict[str, Any] = field(default_factory=dict)
     model_id: str | None = None  # the registry id of the exported model (output.registry)
+    # The run's end against the model it started from (orchestrator.start_vs_end.compare); None when not scored.
+    start_vs_end: dict[str, Any] | None = None

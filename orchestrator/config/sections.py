@@ -239,6 +239,14 @@ class TrainingConfig(_Section):
     eval_every_steps: int | None = Field(
         None, gt=0, description="Evaluate every N optimizer steps (null: only at the end)."
     )
+    eval_at_start: bool = Field(
+        True,
+        description="Before the first step, score the model the run starts from (model.path as loaded: the base or "
+        "a continual round's champion; for distillation the teacher) on every eval set, so the end is reported "
+        "against it (start, end and delta per set, sizes and samples/s of both: the start_eval and start_vs_end "
+        "records of metrics.jsonl, the W&B summary, the registry, the model card). A new classification head is "
+        "not scored (it would be chance): the record says so. Not repeated when a run resumes.",
+    )
     checkpoint_every_steps: int | None = Field(
         None, gt=0, description="Save a resumable checkpoint every N optimizer steps (null: only at the end)."
     )

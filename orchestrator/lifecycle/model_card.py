@@ -32,6 +32,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.lifecycle.licence import licence_problem
 from orchestrator.lifecycle.run_registration import lineage_fields, metrics_by_eval_set, registry_path
 from orchestrator.models.loading import resolve_quietly
+from orchestrator.start_vs_end import COMPARISON_KIND, START_EVAL_KIND, describe_reference, table_rows
 from orchestrator.tracking import is_secret_name, read_metrics, redact_secrets
 
 if TYPE_CHECKING:
@@ -45,9 +46,9 @@ CARD_FILE = "README.md"
 EXPORT_METRICS_FILE = "orchestrator_metrics.json"  # what orchestrator.train.export writes into every export
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder
 EXPORTS = ("final", "best")
-# metrics.jsonl records of this kind hold the scores of the model a run starts from (``<set>/<metric>``, like eval
-# records): the card's "parent" column. Written by the start-of-run evaluation; a run without one has no column.
-START_EVAL_KIND = "start_eval"
+# START_EVAL_KIND records of metrics.jsonl hold the scores of the model a run starts from (``<set>/<metric>``, like
+# eval records): the card's comparison column (orchestrator.train.start_eval writes them, orchestrator.start_vs_end
+# defines them). A run without one, or whose start had a new classification head, has no column.
 
 _PIPELINES = {"sequence-classification": "text-classification", "causal-lm": "text-generation"}
 _AUTO_CLASSES = {"sequence-classification": "SequenceClassification", "causal-lm": "CausalLM"}
@@ -331,7 +332,11 @@ def write_run_cards(
     """
     registry = registry if registry is not None else _existing_registry(config)
     facts = _run_facts(config, model_path, registry)
-    start = [r for r in read_metrics(run_dir) if r.get("kind") == START_EVAL_KIND]
+    records = read_metrics(run_dir)
+    start = [r for r in records if r.get("kind") == START_EVAL_KIND]
+    comparison = [r for r in records if r.get("kind") == COMPARISON_KIND]
+    label = f"start of run ({start[-1].get('reference') or 'model'})" if start else "start of run"
+    extra = {"Against the start of the run": _start_section(comparison[-1])} if comparison else None
     written = []
     for export in EXPORTS:
         folder = storage.join(str(run_dir), export)
@@ -345,13 +350,25 @@ def write_run_cards(
                     data=data,
                     config=config.to_dict(),
                     parent_metrics=start[-1] if start else None,
-                    parent_label="start of run",
+                    parent_label=label,
+                    extra_sections=extra,
                     adapter=_is_adapter(target),
                 )
                 written.append(write_card(target, card))
             except (OSError, OrchestratorError) as exc:
                 logger.warning("model card not written into %s: %s", target, exc)
     return written
+
+
+def _start_section(comparison: Mapping[str, Any]) -> str:
+    """What the run started from, and the sizes and speeds of both (the scores are in the evaluation table)."""
+    lines = [f"Started from {describe_reference(comparison)}."]
+    rows = [r for r in table_rows(comparison) if r[1].endswith("(x)")]
+    if rows:
+        lines += ["", "| eval set | measure | start | this model | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {s} | {m.removesuffix(' (x)')} | {_number(a)} | {_number(b)} | {_number(c)} |"
+                  for s, m, a, b, c in rows]
+    return "\n".join(lines)
 
 
 def _existing_registry(config: JobConfig) -> Registry | None:

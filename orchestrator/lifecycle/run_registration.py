@@ -232,6 +232,8 @@ def register_run(
     model_path = checked.model_path if checked is not None else resolve_quietly(config.model.path)
     lineage = lineage_fields(config, registry, model_path)
     recorded = metrics_by_eval_set(result.metrics)
+    if result.start_vs_end:  # start, end and delta per eval set against the model the run started from
+        recorded["start_vs_end"] = result.start_vs_end
     if metrics:
         recorded.update(metrics)
     # The export becomes a version folder of its own, hashed (artifact_store.py): a later run of the name

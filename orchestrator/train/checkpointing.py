@@ -41,6 +41,8 @@ class TrainState:
     grad_accumulation: int | None = None
     zero_stage: int | None = None
     total_steps: int | None = None
+    # The start_eval record (orchestrator.train.start_eval): a resumed run compares its end with the same start.
+    start_metrics: dict[str, Any] | None = None
 
 
 def rng_state() -> dict[str, Any]:

@@ -74,6 +74,7 @@ from orchestrator.train.reshard import (
     resume_position,
     weights_l2,
 )
+from orchestrator.train.start_eval import compare_with_start, score_start
 from orchestrator.train.unfreezing import (
     GroupLR,
     Unfreezing,
@@ -83,7 +84,7 @@ from orchestrator.train.unfreezing import (
     layered_param_groups,
 )
 from orchestrator.train.weight_anchor import WeightAnchor
-from orchestrator.train.worker_env import quiet_libraries, set_seed, worker_places
+from orchestrator.train.worker_env import log_start, quiet_libraries, set_seed
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +398,8 @@ class TrainRecipe:
     # ------------------------------------------------------------------------------------------------ train
     def train(self) -> None:
         """The step loop: micro-batches in the seeded order of each epoch until the budget is spent or stopped."""
-        self._log_start()
+        log_start(self)
+        score_start(self)
         self.callbacks.fire(Event.FIT_START, self)
         self.engine.train()
         self.finished = self.state.step >= self.budget.total_steps
@@ -467,6 +469,8 @@ class TrainRecipe:
             self._keep_best(metrics)
         if last and self.config.output.save_final:
             self.export("final", metrics)
+        if last and do_eval:
+            compare_with_start(self, metrics)
         if do_ckpt:
             if last:
                 metrics.update(best_metric=state.best_metric, best_step=state.best_step, done=True)
@@ -510,45 +514,13 @@ class TrainRecipe:
                 "best/ not exported: the best evaluation (step %s) came before this run restarted from a checkpoint, "
                 "and no later evaluation beat it; final/ holds the last weights", self.state.best_step)
 
-    def _log_start(self) -> None:
-        """The run's start record: topology, precision, parameter counts, setup times, data summary."""
-        places = worker_places(self.world_size)  # collective: every rank takes part
-        if self.rank != 0:
-            return
-        # ZeRO-3 leaves each parameter empty on the module; ds_numel is its full size.
-        params = list(self.model.parameters())
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
-        unfreezing = {"unfreeze/groups_frozen_for_run": sorted(self.frozen_for_run)} if self.unfreezing else {}
-        self.tracker.log(
-            "start",
-            self.state.step,
-            {
-                "total_steps": self.budget.total_steps,
-                "resumed_from_step": self.state.step if self.start_checkpoint is not None else None,
-                "world_size": self.world_size,
-                "worker_nodes": [node for node, _ in places],
-                "worker_pids": [pid for _, pid in places],
-                "precision": self.precision,
-                "params_total": total,
-                "params_trainable": trainable,  # groups frozen for the whole run excluded
-                "zero3/params_partitioned_at_load": self.partitioned_at_load,
-                **unfreezing,
-                "memory/rss_before_model_mb": self.memory_at_start,
-                **self.resharded,
-                "torch_threads": torch.get_num_threads(),
-                **{f"setup/{k}": v for k, v in self.setup_times.items()},
-                "data": self.data.summary(),
-            },
-        )
-
     # --------------------------------------------------------------------- evaluate, checkpoint, export
-    def evaluate(self) -> dict[str, float]:
-        """Every eval set, as ``<set>/<metric>``."""
-        t, metrics = self.config.training, {}
+    def evaluate(self, engine: Any = None) -> dict[str, float]:
+        """Every eval set, as ``<set>/<metric>``, of the training engine (or ``engine``: the start model's)."""
+        t, metrics, engine = self.config.training, {}, engine or self.engine
         for reader in self.eval_readers:
             values = evaluate(
-                self.engine,
+                engine,
                 reader,
                 self.collator,
                 task=self.config.model.task,
@@ -562,7 +534,7 @@ class TrainRecipe:
             metrics.update({f"{reader.scanned.name}/{k}": v for k, v in values.items()})
         self.generation = self.generation or GenerationEval.for_job(self.config, self.data, self.tokenizer)
         metrics.update(self.generation.metrics(  # collective: every rank generates, in step under ZeRO-3
-            self.engine, self.tokenizer, batch_size=t.eval_batch_size, rank=self.rank, world_size=self.world_size,
+            engine, self.tokenizer, batch_size=t.eval_batch_size, rank=self.rank, world_size=self.world_size,
             device=self.device, zero_stage=self.config.deepspeed.stage))
         return metrics
 

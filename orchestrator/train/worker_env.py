@@ -58,3 +58,37 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def log_start(recipe: Any) -> None:
+    """The run's ``start`` record (``TrainRecipe.train``): topology, precision, parameter counts, setup times, data
+    summary. Collective (where the workers run is gathered); rank 0 writes it."""
+    places = worker_places(recipe.world_size)  # collective: every rank takes part
+    if recipe.rank != 0:
+        return
+    # ZeRO-3 leaves each parameter empty on the module; ds_numel is its full size.
+    params = list(recipe.model.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+    unfreezing = {"unfreeze/groups_frozen_for_run": sorted(recipe.frozen_for_run)} if recipe.unfreezing else {}
+    recipe.tracker.log(
+        "start",
+        recipe.state.step,
+        {
+            "total_steps": recipe.budget.total_steps,
+            "resumed_from_step": recipe.state.step if recipe.start_checkpoint is not None else None,
+            "world_size": recipe.world_size,
+            "worker_nodes": [node for node, _ in places],
+            "worker_pids": [pid for _, pid in places],
+            "precision": recipe.precision,
+            "params_total": total,
+            "params_trainable": trainable,  # groups frozen for the whole run excluded
+            "zero3/params_partitioned_at_load": recipe.partitioned_at_load,
+            **unfreezing,
+            "memory/rss_before_model_mb": recipe.memory_at_start,
+            **recipe.resharded,
+            "torch_threads": torch.get_num_threads(),
+            **{f"setup/{k}": v for k, v in recipe.setup_times.items()},
+            "data": recipe.data.summary(),
+        },
+    )
