@@ -132,3 +132,21 @@ def test_the_teacher_is_called_as_an_engine_with_labels_and_stays_in_eval_mode(t
     assert torch.equal(out.logits, expected.logits) and torch.allclose(out.loss, expected.loss)
     assert not torch.equal(out.logits, student(**batch).logits)  # the teacher, not the student
     assert view.module is teacher and not teacher.training
+
+
+def test_the_cli_table_shows_start_end_and_change_and_why_a_start_has_no_score():
+    from rich.console import Console
+
+    from orchestrator.cli import _start_table
+
+    console = Console(record=True, width=200)
+    console.print(_start_table(compare(START, END)))
+    fresh = {"reference": "model", "reference_path": "base", "fresh_head": "new head"}
+    console.print(_start_table(compare(fresh, END)))
+    text = " ".join(console.export_text().split())  # cells padded to their column's width: compare words
+
+    assert "against the start: model runs/champion" in text
+    assert "│ sst2 │ accuracy │ 0.8000 │ 0.8500 │ +0.0500 │" in text
+    assert "│ sst2 │ samples_per_s (x) │ 100.0000 │ 50.0000 │ 0.500x │" in text
+    assert "│ model │ params (x) │ 1,000 │ 500 │ 0.500x │" in text
+    assert "against the start: model base: no start score (new head)" in text
