@@ -95,6 +95,15 @@ def test_two_rounds_through_the_ray_jobs_api(ray_head, tiny_models, shared_data,
     assert Path(v2.artifact, "model.safetensors").is_file()
     round2 = read_metrics(Path(v2.config["output"]["dir"]) / v2.config["name"])  # the round's run folder
     assert any("train/l2_to_start" in r for r in round2 if r["kind"] == "train")  # L2 to the champion was on
+    # Round 2 started from the champion v1 and scored it before its first step: on the same eval set, the score v1
+    # ended with; v2 records its end against it.
+    (start,) = [r for r in round2 if r["kind"] == "start_eval"]
+    assert start["reference"] == "model" and start["fresh_head"] is None
+    assert start["reference_path"] == v2.config["model"]["path"] == v1.artifact
+    assert start["sst2/accuracy"] == pytest.approx(v1.eval_metrics["sst2"]["accuracy"], abs=1e-9)
+    compared = v2.metrics["start_vs_end"]
+    end = v2.eval_metrics["sst2"]["accuracy"]
+    assert compared["delta"]["sst2"]["accuracy"] == pytest.approx(end - start["sst2/accuracy"])
 
     files = write_report(registry, "cl", tmp_path / "report")
     assert files.png is not None and files.matrix.eval_sets == ["sst2", "shard1", "shard2"]
