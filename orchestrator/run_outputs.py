@@ -101,6 +101,25 @@ def publish_folder(local: Path, destination: str) -> None:
     storage.write_text(marker, json.dumps({"files": files, "published_at": time.time()}, indent=1))
 
 
+def evict_published_exports(scratch: Path, folder: str, names: tuple[str, ...] = ("final", "best")) -> list[str]:
+    """After a run on a bucket: delete the scratch copies of its exports that the bucket holds whole (marker
+    there), so a node does not keep a second copy of every model it trained. Never the only copy: an export not
+    published (an upload that failed) stays in the scratch for a retry.
+
+    Returns:
+        The names evicted.
+    """
+    import shutil
+
+    evicted = []
+    for name in names:
+        local = scratch / name
+        if storage.is_uri(folder) and local.is_dir() and is_published(storage.join(folder, name)):
+            shutil.rmtree(local, ignore_errors=True)
+            evicted.append(name)
+    return evicted
+
+
 def is_published(folder: str | os.PathLike[str]) -> bool:
     """Whether a model folder can be read whole: a local folder that exists; a URI whose marker is there."""
     if not storage.is_uri(folder):

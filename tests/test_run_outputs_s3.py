@@ -15,7 +15,14 @@ from orchestrator import storage
 from orchestrator.cluster.output_paths import check_outputs, ray_storage, run_dir_of, storage_path_of
 from orchestrator.cluster.run_lock import RunLockedError, run_lock
 from orchestrator.config import config_from_dict
-from orchestrator.run_outputs import EXPORT_MARKER, is_published, publish_folder, run_folder, scratch_dir
+from orchestrator.run_outputs import (
+    EXPORT_MARKER,
+    evict_published_exports,
+    is_published,
+    publish_folder,
+    run_folder,
+    scratch_dir,
+)
 from orchestrator.tracking import Tracker, read_metrics
 from tests.conftest import tiny_job
 
@@ -108,6 +115,20 @@ def test_an_export_is_published_marker_last_and_an_overwrite_leaves_no_stale_fil
     objects = [k for k in s3_server.keys(bucket) if not k.endswith("/")]  # pyarrow may leave a folder marker
     assert objects == sorted(f"run/final/{n}" for n in ("model.safetensors", "config.json", EXPORT_MARKER))
     assert storage.stat(f"{destination}/model.safetensors").size == 2000 and is_published(destination)
+
+
+def test_the_scratch_copy_of_an_export_goes_once_the_bucket_holds_it_whole(s3_bucket, tmp_path):
+    scratch, folder = tmp_path / "scratch", f"{s3_bucket}/runs/evict"
+    for name in ("final", "best"):
+        (scratch / name).mkdir(parents=True)
+        (scratch / name / "model.safetensors").write_bytes(b"w" * 64)
+    publish_folder(scratch / "final", f"{folder}/final")
+    storage.upload(scratch / "best", f"{folder}/best")  # uploaded, but no marker: an interrupted publish
+
+    assert evict_published_exports(scratch, folder) == ["final"]
+    assert not (scratch / "final").exists()
+    assert (scratch / "best" / "model.safetensors").is_file()  # not published: never evict the only copy
+    assert evict_published_exports(tmp_path / "local-run", str(tmp_path / "local-run")) == []  # a local run: its folder
 
 
 def test_the_run_lock_of_a_bucket_run_refuses_another_hosts_driver_and_takes_over_a_dead_one(s3_bucket, scratch):

@@ -64,6 +64,9 @@ def test_a_bucket_run_killed_with_its_scratch_resumes_from_the_bucket_like_an_un
     keys = s3_server.keys(bucket, "runs/uninterrupted/")
     assert "runs/uninterrupted/metrics.jsonl" in keys and "runs/uninterrupted/final/config.json" in keys
     assert any(k.startswith("runs/uninterrupted/best/") for k in keys)
+    # The node keeps no second copy of the exports the bucket holds whole; its staging log stays.
+    (staged,) = scratch.glob("uninterrupted-*")
+    assert (staged / "metrics.jsonl").is_file() and not (staged / "final").exists() and not (staged / "best").exists()
 
     name = "killed"
     job = _job(name, s3_bucket, tiny_models, shared_data, tmp_path)

@@ -35,7 +35,7 @@ from orchestrator.errors import TrainingError
 from orchestrator.methods import MethodContext, TrainBatchOutput, get_method
 from orchestrator.models.loading import apply_liger_kernel, compile_blocks, fetch_model, load_model, load_tokenizer
 from orchestrator.precision import torch_dtype
-from orchestrator.run_outputs import remote_child, scratch_dir
+from orchestrator.run_outputs import evict_published_exports, remote_child, scratch_dir
 from orchestrator.storage import is_uri
 from orchestrator.tracking import Tracker
 from orchestrator.train.best_snapshot import BestSnapshot
@@ -572,6 +572,8 @@ class TrainRecipe:
             reader.close()
         if self.generation is not None:
             self.generation.close()
+        if self.rank == 0 and is_uri(self.run_folder):  # the bucket has final/ and best/: no second copy here
+            evict_published_exports(self.run_dir, self.run_folder)
         self.tracker.finish()
         if dist.is_initialized():
             dist.barrier()

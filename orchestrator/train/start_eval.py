@@ -38,7 +38,9 @@ class StartReference:
     fresh_head: str | None = None  # why it has no start score, when its classification head is new
 
 
-def fresh_head_reason(model_path: str, *, task: str, label_names: list[str], grow_head: bool) -> str | None:
+def fresh_head_reason(
+    model_path: str, *, task: str, label_names: list[str], grow_head: bool, trust_remote_code: bool = False
+) -> str | None:
     """Why ``model_path`` would start this job with a new, random classification head (None: it has its own).
 
     Follows what loading does (``orchestrator.models.loading.load_model``): a checkpoint without a
@@ -51,7 +53,8 @@ def fresh_head_reason(model_path: str, *, task: str, label_names: list[str], gro
     if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
         shown = ", ".join(architectures) or "no architectures in its config.json"
         return f"the checkpoint has no classification head ({shown}): this run's head is new, a score would be chance"
-    own = len(checkpoint_label_names(model_path))  # transformers' count: its config may leave a default unsaved
+    # transformers' count: a config.json may leave the default (2 labels) unsaved
+    own = len(checkpoint_label_names(model_path, trust_remote_code=trust_remote_code))
     if own != len(label_names) and not grow_head:
         return f"the checkpoint's head has {own} labels, this job {len(label_names)}: the head is new"
     return None
@@ -123,11 +126,11 @@ def start_reference(config: Any, model: Any, engine: Any, model_path: str, label
     """
     if config.method == "distill" and config.distill is not None and hasattr(model, "teacher"):
         teacher_path = (getattr(model, "lineage", None) or {}).get("teacher_path") or config.distill.teacher
-        fresh = fresh_head_reason(teacher_path, task=config.model.task, label_names=label_names, grow_head=False)
+        fresh = fresh_head_reason(teacher_path, task=config.model.task, label_names=label_names, grow_head=False,
+                                  trust_remote_code=config.model.trust_remote_code)
         return StartReference("teacher", config.distill.teacher, local_folder(teacher_path), TeacherView(model), fresh)
-    fresh = fresh_head_reason(
-        model_path, task=config.model.task, label_names=label_names, grow_head=config.model.grow_head
-    )
+    fresh = fresh_head_reason(model_path, task=config.model.task, label_names=label_names,
+                              grow_head=config.model.grow_head, trust_remote_code=config.model.trust_remote_code)
     return StartReference("model", config.model.path, local_folder(model_path), engine, fresh)
 
 
