@@ -2,15 +2,19 @@
 
 ``orchestrator registry report NAME`` writes ``forgetting.csv`` (eval sets x models, with each model's
 forgetting per eval set), ``forgetting.md`` (the same as a table) and ``forgetting.png`` (one line per eval
-set across the model's versions; rejected candidates drawn as crosses, champions as stars).
+set across the model's versions; rejected candidates drawn as crosses, champions as stars). The folder may be a
+URI (``s3://...``): the files are then written into a local staging folder and uploaded.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import orchestrator.storage as storage
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord, RegistryError
 
@@ -58,14 +62,43 @@ def forgetting_matrix(models: list[ModelRecord], metric: str) -> ForgettingMatri
 
 @dataclass
 class ReportFiles:
+    """The files written: local paths, or URIs when the report went to object storage."""
+
     matrix: ForgettingMatrix
-    csv: Path
-    markdown: Path
-    png: Path | None
+    csv: Path | str
+    markdown: Path | str
+    png: Path | str | None
 
 
-def write_report(registry: Registry, name: str, out_dir: Path, *, metric: str | None = None) -> ReportFiles:
-    """Write the forgetting matrix of every version of ``name`` (oldest first) as CSV, Markdown and PNG."""
+def write_report(
+    registry: Registry, name: str, out_dir: str | os.PathLike[str], *, metric: str | None = None
+) -> ReportFiles:
+    """Write the forgetting matrix of every version of ``name`` (oldest first) as CSV, Markdown and PNG, into a
+    local folder or a URI (staged locally, then uploaded file by file).
+
+    Raises:
+        RegistryError: no models of that name.
+        StorageError: the URI cannot be written (naming it).
+    """
+    if not storage.is_uri(out_dir):
+        return _write_report_files(registry, name, Path(out_dir), metric=metric)
+    with tempfile.TemporaryDirectory(prefix="forgetting-report-") as staging:
+        local = _write_report_files(registry, name, Path(staging), metric=metric)
+
+        def uploaded(path: Path | str | None) -> str | None:
+            if path is None:
+                return None
+            target = storage.join(str(out_dir), Path(path).name)
+            storage.write_bytes(target, Path(path).read_bytes())
+            return target
+
+        csv_uri, md_uri = uploaded(local.csv), uploaded(local.markdown)
+        assert csv_uri is not None and md_uri is not None
+        return ReportFiles(matrix=local.matrix, csv=csv_uri, markdown=md_uri, png=uploaded(local.png))
+
+
+def _write_report_files(registry: Registry, name: str, out_dir: Path, *, metric: str | None) -> ReportFiles:
+    """:func:`write_report` into a local folder."""
     models = sorted(registry.models(name), key=lambda m: m.version)
     if not models:
         raise RegistryError(f"no models named {name!r} in {registry.path}")

@@ -5,6 +5,12 @@ files and grows the label space over their labels (:mod:`orchestrator.lifecycle.
 training file (new rows + a replay sample of earlier rows, :mod:`orchestrator.lifecycle.replay`) and the new
 data's eval holdout under the round's run dir, gathers every eval set seen so far, and writes the round's job
 config (``round.yaml``, which ``orchestrator train`` reruns unregistered).
+
+The round's run dir is ``<base job's output.dir>/<name>-round<N>``, the run folder its training run writes into:
+a local folder, or a prefix on object storage when ``output.dir`` is a URI. Then every file the round writes for
+itself goes to the bucket too, each in one PUT (``orchestrator.storage.write_bytes``): the workers read the
+round's data from there like any data URI, and a later round replays and scores it from there. Nothing of the
+round is written to a local folder; the registry stays a local SQLite file (``output.registry``).
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from orchestrator.config import DataSource, JobConfig, config_from_dict
 from orchestrator.config.retrain import LoadedRetrain
 from orchestrator.errors import DataError
 from orchestrator.lifecycle.label_space import growth_refused, label_groups, sort_labels, task_labels, union_label_names
-from orchestrator.lifecycle.new_data import DataFile, sha256_file
+from orchestrator.lifecycle.new_data import DataFile
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord
 from orchestrator.lifecycle.replay import replay_pool, sample_replay, split_holdout
 from orchestrator.lifecycle.row_io import Rows, RowTriple, jsonl_source, labels_in, read_rows, write_jsonl
 from orchestrator.lifecycle.run_registration import artifact_model_path
+from orchestrator.run_outputs import run_folder
 
 ROUND_JOB_FILE = "round.yaml"
 
@@ -41,7 +48,7 @@ class RoundPlan:
     start_model: str
     new_files: list[DataFile]
     job: JobConfig
-    run_dir: Path
+    run_dir: Path | str  # a Path for a local output.dir, the URI string for a bucket's (as TrainResult.run_dir)
     new_eval: str | None
     learned: dict[str, Any]  # the new rows this round trains on (file, sha256, rows): replayable later
     replay: list[dict[str, Any]]
@@ -73,7 +80,7 @@ class _Planning:
     round_no: int
     champion: ModelRecord | None
     chain: list[ModelRecord]  # the champion and its registered ancestors, newest first
-    out_root: Path
+    out_root: str  # the base job's output.dir: a normalised URI, or an absolute local path
     start_model: str
     label_names: list[str] | None  # grown by the new data's labels (see _grow_label_space)
     labels_added: list[str] = field(default_factory=list)
@@ -100,16 +107,36 @@ class _Planning:
         return f"{self.name}-round{self.round_no}"
 
     @property
-    def run_dir(self) -> Path:
-        return self.out_root / self.job_name
+    def run_dir(self) -> Path | str:
+        """The round's run folder (the training run's too): a URI when ``output.dir`` is one."""
+        folder = run_folder(self.out_root, self.job_name)
+        return folder if storage.is_uri(folder) else Path(folder)
 
-    @property
-    def data_dir(self) -> Path:
-        return self.run_dir / "data"
+    def path(self, *parts: str) -> str:
+        """A file of the round in its run folder (a URI or an absolute local path)."""
+        return storage.join(str(self.run_dir), *parts)
 
     def read(self, source: DataSource) -> Rows:
         """A file's rows, labels named as the round's label space names them."""
         return read_rows(source, task=self.task, on_bad_rows=self.on_bad_rows, label_names=self.label_names)
+
+
+def check_round_output(loaded: LoadedRetrain) -> None:
+    """Probe the base job's ``output.dir`` when it is a URI, before a round is claimed or a file written: the
+    bucket exists, the credentials hold and a small object can be written and deleted there (a local folder is
+    checked by the round's training run, as for any job).
+
+    Raises:
+        StorageError: naming ``job.output.dir``, the URI and the fix (a missing bucket, wrong credentials, an
+            endpoint that does not answer).
+    """
+    out = loaded.job.output.dir
+    if not storage.is_uri(out):
+        return
+    try:
+        storage.check(out, write=True)
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"job.output.dir: {exc}") from exc
 
 
 def plan_round(
@@ -132,7 +159,7 @@ def plan_round(
     learned = _write_learned_rows(plan, train_rows, has_pairs)
     replay_rows, replay_record = _replay_rows(plan)
     has_pairs = has_pairs or _any_pairs(replay_rows)
-    train_path = plan.data_dir / "train.jsonl"
+    train_path = plan.path("data", "train.jsonl")
     write_jsonl(train_path, train_rows + replay_rows)
     evals = _earlier_eval_sets(plan)
     new_eval = _add_holdout(plan, evals, new_files, holdout_rows, has_pairs)
@@ -163,7 +190,7 @@ def _start_planning(loaded: LoadedRetrain, registry: Registry, round_no: int) ->
     base = loaded.job
     champion = registry.champion(loaded.name)
     chain = registry.ancestors(champion.id) if champion else []
-    out_root = Path(base.output.dir).expanduser().resolve()
+    out_root = storage.normalize(base.output.dir)  # a URI stays one (Path() would make it <cwd>/s3:/...)
     if champion is not None:
         start_model = artifact_model_path(champion)  # a URI stays one: model.path takes URIs
         label_names = champion.data.get("label_names") or base.data.label_names
@@ -243,10 +270,10 @@ def _any_pairs(rows: Sequence[RowTriple]) -> bool:
 
 def _write_learned_rows(plan: _Planning, train_rows: Sequence[RowTriple], has_pairs: bool) -> dict[str, Any]:
     """Write the new training rows (``new_train.jsonl``), which later rounds replay; returns their record."""
-    learned_path = plan.data_dir / "new_train.jsonl"
-    write_jsonl(learned_path, train_rows)
+    learned_path = plan.path("data", "new_train.jsonl")
+    written = write_jsonl(learned_path, train_rows)
     learned_source = jsonl_source(learned_path, name="new_train", pairs=has_pairs, labels=plan.classification)
-    return {"source": learned_source, "sha256": sha256_file(learned_path), "rows": len(train_rows)}
+    return {"source": learned_source, "sha256": written.sha256, "rows": written.rows}
 
 
 def _replay_rows(plan: _Planning) -> tuple[list[RowTriple], list[dict[str, Any]]]:
@@ -308,7 +335,7 @@ def _add_holdout(
     if not holdout_rows:
         return None
     new_eval = _eval_name_for(new_files, plan.round_no, set(evals))
-    holdout_path = plan.data_dir / "new_eval.jsonl"
+    holdout_path = plan.path("data", "new_eval.jsonl")
     write_jsonl(holdout_path, holdout_rows)
     evals[new_eval] = jsonl_source(holdout_path, name=new_eval, pairs=has_pairs, labels=plan.classification)
     return new_eval
@@ -342,7 +369,7 @@ def _set_eval_labels(plan: _Planning, evals: dict[str, dict[str, Any]]) -> None:
         source["labels"] = subset
 
 
-def _round_job(plan: _Planning, train_path: Path, evals: dict[str, dict[str, Any]], has_pairs: bool) -> JobConfig:
+def _round_job(plan: _Planning, train_path: str, evals: dict[str, dict[str, Any]], has_pairs: bool) -> JobConfig:
     """The base job with the round's model, data, label space, output and tracking, validated.
 
     Raises:
@@ -357,7 +384,7 @@ def _round_job(plan: _Planning, train_path: Path, evals: dict[str, dict[str, Any
     if plan.classification:
         job["data"]["label_names"] = plan.label_names
         job["model"]["grow_head"] = bool(plan.labels_added)  # warm start: the champion's head gets rows for them
-    job["output"]["dir"] = str(plan.out_root)
+    job["output"]["dir"] = plan.out_root
     job["output"]["registry"] = None  # the round registers its candidate itself, with the round's lineage
     if rc.l2_to_champion > 0 and plan.champion is not None:
         job["regularization"] = {**job.get("regularization", {}), "l2_to_start": rc.l2_to_champion}
@@ -369,8 +396,11 @@ def _round_job(plan: _Planning, train_path: Path, evals: dict[str, dict[str, Any
 
 def _write_round_job(plan: _Planning, round_job: JobConfig) -> None:
     """Write the round's job config as ``round.yaml`` in its run dir."""
-    path = plan.run_dir / ROUND_JOB_FILE
-    path.write_text(
-        f"# round {plan.round_no} of {plan.name}: orchestrator train {path} reruns it (unregistered)\n"
-        + yaml.safe_dump(round_job.to_dict(), sort_keys=False)
+    path = plan.path(ROUND_JOB_FILE)
+    # A job file is read from a local disk (orchestrator train takes no URI for it): say so for a bucket's copy.
+    rerun = f"a local copy of {path}" if storage.is_uri(path) else path
+    storage.write_text(
+        path,
+        f"# round {plan.round_no} of {plan.name}: orchestrator train {rerun} reruns it (unregistered)\n"
+        + yaml.safe_dump(round_job.to_dict(), sort_keys=False),
     )

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orchestrator.storage as storage
 from orchestrator.config.retrain import LoadedRetrain, retrain_from_dict
 from orchestrator.errors import DataError, OrchestratorError
 from orchestrator.lifecycle.forgetting_gate import (
@@ -44,7 +45,7 @@ from orchestrator.lifecycle.new_data import DataFile, detect_new_data, find_new_
 from orchestrator.lifecycle.quantization import quantize_champion
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord, RoundRecord
-from orchestrator.lifecycle.round_plan import RoundPlan, plan_round
+from orchestrator.lifecycle.round_plan import RoundPlan, check_round_output, plan_round
 from orchestrator.lifecycle.run_registration import register_run, registry_path, registry_problem
 from orchestrator.lifecycle.wandb_lineage import record_decision
 
@@ -71,7 +72,7 @@ class RoundResult:
     scores: dict[str, float] = field(default_factory=dict)
     forgetting: dict[str, float] = field(default_factory=dict)
     new_files: list[DataFile] = field(default_factory=list)
-    run_dir: Path | None = None
+    run_dir: Path | str | None = None  # a URI when the base job's output.dir is one
     quantized: ModelRecord | None = None  # the promoted champion quantized (retrain file's quantize section)
 
 
@@ -129,10 +130,17 @@ def run_round(
 
     Raises:
         RoundBusyError: another round of this model is running.
+        StorageError: the base job's ``output.dir`` is a URI that cannot be written (before a round is claimed).
     """
     from orchestrator.cluster.launcher import run_training
 
     registry = registry or open_round_registry(loaded)
+    try:
+        check_round_output(loaded)
+    except OrchestratorError as exc:
+        if round_id is not None:  # the scheduler's claim: its round records why it never started
+            registry.update_round(round_id, status="failed", message=str(exc)[:4000])
+        raise
     claimed = _claim(loaded, registry, round_id)
     registry.update_round(claimed.id, status="running", host=socket.gethostname(), pid=os.getpid())
     try:
@@ -267,13 +275,14 @@ def _quantize_if_promoted(
     settings = loaded.config.quantize
     if settings is None or record.status != "champion":
         return None
-    return quantize_champion(registry, record, settings, plan.run_dir / f"quantized-{settings.method}")
+    out = storage.join(str(plan.run_dir), f"quantized-{settings.method}")  # quantize_model takes URIs
+    return quantize_champion(registry, record, settings, out if storage.is_uri(out) else Path(out))
 
 
 def _write_summary(
     plan: RoundPlan, record: ModelRecord, verdict: _Verdict, quantized: ModelRecord | None = None
 ) -> None:
-    """Write the round's outcome as ``round.json`` in its run dir."""
+    """Write the round's outcome as ``round.json`` in its run dir (on the bucket when the run dir is a URI)."""
     summary = {
         "name": plan.name,
         "round": plan.round,
@@ -290,4 +299,4 @@ def _write_summary(
         "warnings": plan.warnings,
         "quantized": quantized.id if quantized else None,
     }
-    (plan.run_dir / ROUND_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    storage.write_text(storage.join(str(plan.run_dir), ROUND_SUMMARY_FILE), json.dumps(summary, indent=2))

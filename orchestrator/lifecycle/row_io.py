@@ -1,17 +1,19 @@
 """Reading and writing the rows of a continual-retraining round: a data file's rows as (text, text pair,
 label name) with the file's content hash (:func:`read_rows`), and the round's own jsonl files
-(:func:`write_jsonl`, described to the job by :func:`jsonl_source`)."""
+(:func:`write_jsonl`, described to the job by :func:`jsonl_source`), local or on object storage."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import orchestrator.storage as storage
 from orchestrator.config import DataSource
 from orchestrator.errors import DataError
 from orchestrator.lifecycle.label_space import sort_labels
@@ -105,23 +107,35 @@ def labels_in(source: dict[str, Any], *, task: str, label_names: list[str], on_b
     return {label_names[int(i)] for i in np.unique(scanned.labels)}
 
 
-def write_jsonl(path: Path, rows: Iterable[RowTriple]) -> int:
-    """Write rows as jsonl ({text, text_pair?, label?}); returns the count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with open(path, "w", encoding="utf-8") as out:
-        for text, pair, label in rows:
-            row: dict[str, Any] = {"text": text}
-            if pair is not None:
-                row["text_pair"] = pair
-            if label is not None:
-                row["label"] = label
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    return count
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_jsonl` wrote: the number of rows and the file's sha256 (what a scan of it finds)."""
+
+    rows: int
+    sha256: str
 
 
-def jsonl_source(path: Path, *, name: str, pairs: bool, labels: bool) -> dict[str, Any]:
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[RowTriple]) -> Written:
+    """Write rows as jsonl ({text, text_pair?, label?}) to a local path or a URI, whole: a reader (a worker, a
+    later round) never sees a part of the file (``orchestrator.storage.write_bytes``: a rename, or one PUT).
+
+    Raises:
+        StorageError: the location cannot be written (naming it).
+    """
+    lines = []
+    for text, pair, label in rows:
+        row: dict[str, Any] = {"text": text}
+        if pair is not None:
+            row["text_pair"] = pair
+        if label is not None:
+            row["label"] = label
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    data = "".join(lines).encode("utf-8")
+    storage.write_bytes(path, data)
+    return Written(rows=len(lines), sha256=hashlib.sha256(data).hexdigest())
+
+
+def jsonl_source(path: str | os.PathLike[str], *, name: str, pairs: bool, labels: bool) -> dict[str, Any]:
     """The data source (as a dict) of a jsonl file written by :func:`write_jsonl`."""
     return {
         "path": str(path),

@@ -34,6 +34,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.lifecycle.new_data import DataFile, HashCache, find_new_data
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import RoundRecord
+from orchestrator.lifecycle.round_plan import check_round_output
 from orchestrator.lifecycle.run_registration import code_version
 from orchestrator.lifecycle.shard_retries import ShardAttempts, retry_delay
 
@@ -177,6 +178,10 @@ class RetrainScheduler:
         new, waiting = self.ready_files(found, attempts, now)
         if not new:
             return waiting
+        try:  # a bucket output.dir that cannot be written: no claim, so no failed attempt of the shards either
+            check_round_output(self.loaded)
+        except OrchestratorError as exc:
+            return f"cannot start a round: {exc}"
         submission_id = f"retrain-{self.name}-{uuid.uuid4().hex[:8]}"
         claimed = self.registry.claim_round(
             self.name,
