@@ -17,7 +17,7 @@ import yaml
 from orchestrator import storage
 from orchestrator.cluster.results import TrainResult
 from orchestrator.config.retrain import retrain_from_dict
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.report import write_report
 from orchestrator.lifecycle.rounds import run_round
@@ -151,5 +151,5 @@ def test_a_bad_output_bucket_is_refused_naming_the_field_and_uri_before_a_round_
 
     spec = _bucket_spec(tmp_path, s3_bucket)
     spec["job"]["output"]["registry"] = "auto"  # <output.dir>/registry.sqlite: on the bucket, refused by design
-    with pytest.raises(OrchestratorError, match=rf"output\.registry: the registry 'auto' \({s3_bucket}/runs/"):
-        run_round(retrain_from_dict(spec), train=trainer)
+    with pytest.raises(ConfigError, match=rf"job\.output\.registry: the registry 'auto' \({s3_bucket}/runs/"):
+        retrain_from_dict(spec)  # at validation (orchestrator validate), before any round

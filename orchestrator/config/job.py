@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+import orchestrator.storage as storage
 from orchestrator.config.sections import (
     DataConfig,
     DeepSpeedSection,
@@ -286,3 +287,22 @@ def _check_regularization(config: JobConfig) -> None:
 
 def _looks_like_local_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or os.path.sep in value and Path(value).expanduser().exists()
+
+
+REGISTRY_FILE = "registry.sqlite"  # output.registry: 'auto' is <output.dir>/registry.sqlite
+
+
+def registry_problem(config: JobConfig) -> str | None:
+    """Why the job's registry cannot be where its config puts it, or None: the registry is a SQLite file, and
+    SQLite needs a local disk (its write-ahead log relies on local file locks), so neither a URI nor 'auto' with
+    ``output.dir`` on object storage will do; registered models' files may be on the bucket."""
+    value = config.output.registry
+    on_store = value is not None and (storage.is_uri(value) or (value == "auto" and storage.is_uri(config.output.dir)))
+    if not on_store:
+        return None
+    where = value if value != "auto" else f"'auto' ({config.output.dir}/{REGISTRY_FILE})"
+    return (
+        f"the registry {where} would be on object storage, but it is a SQLite file that needs a local disk; set "
+        "output.registry to a local path on the machine that runs orchestrator train / retrain / schedule (the "
+        "registered models' files still go to the bucket), or null to not register"
+    )

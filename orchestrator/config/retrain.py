@@ -27,6 +27,7 @@ from orchestrator.config import (
     config_from_dict,
     load_config,
 )
+from orchestrator.config.job import registry_problem
 from orchestrator.errors import ConfigError, ConfigIssue
 
 
@@ -375,6 +376,8 @@ def retrain_from_dict(
                     "set a path",
                 )
             )
+        elif job is not None and (problem := registry_problem(job)):  # a SQLite file on a bucket: say so now
+            issues.append(ConfigIssue(location="job.output.registry", message=problem))
     if issues:
         raise ConfigError(issues, source=source)
     assert config is not None and job is not None

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 import orchestrator.storage as storage
+
+# Defined with the job config (config/retrain.py checks a retrain file's job with it too); used from here as before.
+from orchestrator.config.job import REGISTRY_FILE, registry_problem
 from orchestrator.errors import ModelError
 from orchestrator.lifecycle.artifact_store import (
     combined_digest,
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REGISTRY_FILE = "registry.sqlite"
 EXPORTED_JOB_FILE = "orchestrator_job.yaml"  # what orchestrator.train.export writes into every exported folder
 
 
@@ -57,22 +59,6 @@ def registry_path(config: JobConfig) -> Path | None:
     if value == "auto":
         return Path(config.output.dir).expanduser().resolve() / REGISTRY_FILE
     return Path(value).expanduser().resolve()
-
-
-def registry_problem(config: JobConfig) -> str | None:
-    """Why the job's registry cannot be where its config puts it, or None: the registry is a SQLite file, and
-    SQLite needs a local disk (its write-ahead log relies on local file locks), so neither a URI nor 'auto' with
-    ``output.dir`` on object storage will do; registered models' files may be on the bucket."""
-    value = config.output.registry
-    on_store = value is not None and (storage.is_uri(value) or (value == "auto" and storage.is_uri(config.output.dir)))
-    if not on_store:
-        return None
-    where = value if value != "auto" else f"'auto' ({config.output.dir}/{REGISTRY_FILE})"
-    return (
-        f"the registry {where} would be on object storage, but it is a SQLite file that needs a local disk; set "
-        "output.registry to a local path on the machine that runs orchestrator train / retrain / schedule (the "
-        "registered models' files still go to the bucket), or null to not register"
-    )
 
 
 def open_registry(config: JobConfig) -> Registry | None:
