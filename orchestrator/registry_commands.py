@@ -235,17 +235,20 @@ def registry_release(
 def registry_report(
     name: str = typer.Argument(..., help="Model name (the retrained model)."),
     registry: Path = RegistryOption,
-    out: Path = typer.Option(None, "--out", help="Folder for forgetting.csv/.md/.png (default: beside the registry)."),
+    out: str = typer.Option(  # a str, not a Path: Path("s3://b/x") would be s3:/b/x
+        None, "--out", help="Folder for forgetting.csv/.md/.png, local or a URI (default: beside the registry)."
+    ),
     metric: str = typer.Option(None, "--metric", help="Metric per eval set (default: the gate's, else accuracy)."),
 ) -> None:
     """The forgetting matrix: each eval set's score across the model's versions (table + PNG)."""
     from orchestrator.lifecycle.registry_records import RegistryError
     from orchestrator.lifecycle.report import write_report
+    from orchestrator.storage import StorageError
 
     reg = _open_registry(registry)
     try:
         files = write_report(reg, name, out or reg.path.parent / f"{name}-report", metric=metric)
-    except RegistryError as exc:
+    except (RegistryError, StorageError) as exc:
         _fail(str(exc))
     rows = files.matrix.rows()
     table = Table(title=f"{name}: {files.matrix.metric} (in brackets: minus forgetting)")

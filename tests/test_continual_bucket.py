@@ -115,6 +115,14 @@ def test_two_rounds_on_a_bucket_write_every_round_file_there_and_warm_start_from
     files = write_report(registry, "sent", f"{s3_bucket}/reports/sent")  # a report can go to the bucket too
     assert files.csv == f"{s3_bucket}/reports/sent/forgetting.csv" and "shard1" in storage.read_text(files.csv)
     assert storage.is_file(f"{s3_bucket}/reports/sent/forgetting.md")
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    cli = CliRunner().invoke(app, ["registry", "report", "sent", "--registry", str(registry.path),
+                                   "--out", f"{s3_bucket}/reports/cli"])  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert storage.is_file(f"{s3_bucket}/reports/cli/forgetting.csv")  # the URI as given, not a local s3:/ folder
 
     local = sorted(p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file())
     assert set(local) <= {"seed", "base-model", "made", "registry", "cache"}, local  # nothing in runs/, s3:/, scratch
