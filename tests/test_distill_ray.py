@@ -104,3 +104,65 @@ def test_distill_into_a_lora_student_under_zero3(ray_cluster, teacher4, shared_d
     student = AutoModelForSequenceClassification.from_pretrained(result.final_model)
     assert student.config.num_hidden_layers == 2
     assert (result.final_model / "adapter" / "adapter_config.json").exists()
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _chat_rows(shared_data: Path, path: Path, rows: int, skip: int = 0) -> Path:
+    """AG News headlines as chats: the headline in a user turn, the topic name as the answer."""
+    topics = {"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"}
+    lines = (shared_data / "agnews" / "train.tsv").read_text(encoding="utf-8").splitlines()[skip : skip + rows]
+    chats = []
+    for line in lines:
+        text, label = line.split("\t")[:2]
+        chats.append([{"role": "user", "content": f"Topic? {' '.join(text.split()[:8])}"},
+                      {"role": "assistant", "content": topics.get(label, label)}])  # fmt: skip
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats), encoding="utf-8")
+    return path
+
+
+def test_a_causal_lm_student_is_distilled_on_chat_answers_and_compared_with_its_teacher(
+    ray_cluster, shared_data, tmp_path
+):
+    """Causal-LM distillation end to end: a 2-block student cut from a 4-block Llama teacher (same tokenizer), KD
+    and hidden-state terms on the answer tokens only, an eval set scored by generation; the teacher, scored before
+    the first step with the same generation, is what the student's end is compared with."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.support.tiny_models import make_tiny_model
+
+    teacher = make_tiny_model(tmp_path / "llama4", "llama", layers=4, seed=2)
+    job = tiny_job("chat-student", teacher, shared_data, tmp_path / "runs", task="causal-lm", stage=2, lr=3e-3)
+    job["data"] = {
+        "train": {"path": str(_chat_rows(shared_data, tmp_path / "train.jsonl", 96)), "messages_column": "messages"},
+        "eval": [{"name": "chat", "path": str(_chat_rows(shared_data, tmp_path / "eval.jsonl", 24, skip=500)),
+                  "messages_column": "messages", "generate": True, "max_new_tokens": 4}],
+        "chat_template": CHATML,
+        "max_length": 160,
+    }  # fmt: skip
+    job["method"] = "distill"
+    job["distill"] = {"teacher": str(teacher), "keep_every": 2, "hidden_weight": 1.0}
+
+    result = run_training(config_from_dict(job))
+
+    records = read_metrics(result.run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for record in train:
+        for key in ("train/loss_ce", "train/loss_kd", "train/loss_hidden"):
+            assert math.isfinite(record[key]) and record[key] >= 0, (key, record)
+    (start,) = [r for r in records if r["kind"] == "start_eval"]
+    assert start["reference"] == "teacher" and start["fresh_head"] is None
+    assert 0.0 <= start["chat/exact_match"] <= 1.0 and start["chat/loss"] > 0 and start["chat/perplexity"] > 1
+    student = AutoModelForCausalLM.from_pretrained(result.final_model)
+    assert student.config.num_hidden_layers == 2
+    compared = result.start_vs_end
+    assert compared["params"]["end"] == sum(p.numel() for p in student.parameters()) < compared["params"]["start"]
+    end = [r for r in records if r["kind"] == "eval"][-1]
+    change = end["chat/exact_match"] - start["chat/exact_match"]
+    assert compared["delta"]["chat"]["exact_match"] == pytest.approx(change)
+    assert compared["speed"]["chat"]["generate_rows_per_s"]["ratio"] > 0

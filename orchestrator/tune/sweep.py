@@ -14,19 +14,25 @@ The flow, top to bottom:
    trial's model as an HF folder (:mod:`orchestrator.tune.sweep_results`), and W&B (one run per trial in the
    sweep's group, early-stopped ones marked, plus a summary run; :mod:`orchestrator.tune.sweep_wandb`).
 
-The sweep dir's layout is described in :mod:`orchestrator.tune.sweep_plan`.
+The sweep dir's layout is described in :mod:`orchestrator.tune.sweep_plan`; it may be on a bucket
+(``output.dir: s3://...``): Tune's experiment state, every trial's run folder and the results are then there, and
+:func:`resume_sweep` takes the sweep's URI.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import orchestrator.storage as storage
+from orchestrator.cluster.output_paths import ray_storage
 from orchestrator.config import JobConfig, config_from_dict
 from orchestrator.errors import OrchestratorError
+from orchestrator.run_outputs import SCRATCH_ENV
 from orchestrator.tune.sweep_events import MetricStopper, SweepLog, log_event
 from orchestrator.tune.sweep_plan import (
     SWEEP_CONFIG_FILE,
@@ -65,21 +71,31 @@ def run_sweep(
         OrchestratorError: the cluster cannot hold one trial.
     """
     plan = plan_sweep(config, source=source)
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     saved = {**plan.base, "tune": config.tune.model_dump(mode="json") if config.tune else None}
-    (plan.sweep_dir / SWEEP_CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+    storage.write_text(plan.location(SWEEP_CONFIG_FILE), yaml.safe_dump(saved, sort_keys=False))
     return _run(plan, address=address, restore=False, verbose=verbose)
 
 
 def resume_sweep(sweep_dir: str | Path, *, address: str | None = None, verbose: bool = True) -> SweepResult:
     """Continue a sweep whose driver died: finished trials are kept, unfinished ones continue from their
-    latest checkpoint (Tuner.restore)."""
-    sweep_dir = Path(sweep_dir).expanduser().resolve()
-    saved = sweep_dir / SWEEP_CONFIG_FILE
-    if not saved.is_file() or not (sweep_dir / TUNE_DIR).is_dir():
-        raise OrchestratorError(f"{sweep_dir} is not a sweep folder (no {SWEEP_CONFIG_FILE} or {TUNE_DIR}/ in it)")
-    config = config_from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
-    plan = plan_sweep(config, resume=True, source=str(saved))
+    latest checkpoint (Tuner.restore).
+
+    Args:
+        sweep_dir: the sweep folder, a local path or a URI (``s3://bucket/sweeps/name``); on a bucket nothing
+            local is needed (the driver's scratch may be gone).
+
+    Raises:
+        OrchestratorError: the folder holds no sweep (a StorageError naming the URI when it cannot be read).
+    """
+    folder = storage.normalize(sweep_dir)  # a local path made absolute, a URI canonical
+    saved = storage.join(folder, SWEEP_CONFIG_FILE)
+    if not storage.is_file(saved) or not storage.is_dir(storage.join(folder, TUNE_DIR)):
+        raise OrchestratorError(
+            f"{folder} is not a sweep folder (no {SWEEP_CONFIG_FILE} or {TUNE_DIR}/ in it); give the folder "
+            "`orchestrator sweep` printed (<output.dir>/<sweep name>)"
+        )
+    config = config_from_dict(yaml.safe_load(storage.read_text(saved)), source=saved)
+    plan = plan_sweep(config, resume=True, source=saved)
     return _run(plan, address=address, restore=True, verbose=verbose)
 
 
@@ -92,7 +108,8 @@ def _run(plan: SweepPlan, *, address: str | None, restore: bool, verbose: bool) 
     use_gpu = check_cluster_fits(config_from_dict(plan.base))
     concurrency = trial_concurrency(plan, use_gpu=use_gpu)
     trainable = _trainable(plan, use_gpu=use_gpu)
-    log_event(plan.sweep_dir, {"event": "sweep_start", "time": time.time(), "restore": restore})
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)  # on a bucket: the scratch (a resume may find it gone)
+    log_event(plan.folder, {"event": "sweep_start", "time": time.time(), "restore": restore})
     if restore:
         tuner = _restored_tuner(plan, trainable)
     else:
@@ -109,11 +126,12 @@ def _trainable(plan: SweepPlan, *, use_gpu: bool) -> Any:
     trial_plan = TrialPlan(
         base=plan.base,
         sweep_name=plan.name,
-        trials_dir=str(plan.sweep_dir / TRIALS_DIR),
+        trials_dir=plan.location(TRIALS_DIR),
         metric=plan.metric,
         mode=plan.mode,
         use_gpu=use_gpu,
         checkpoints_to_tune=plan.tune.scheduler == "pbt",
+        scratch_root=os.environ.get(SCRATCH_ENV),  # trial actors may not see the driver's environment
     )
     return tune.with_resources(
         trial_trainable(trial_plan),
@@ -129,8 +147,10 @@ def _restored_tuner(plan: SweepPlan, trainable: Any) -> Any:
     continued from their latest checkpoint."""
     from ray import tune
 
+    experiment = ray_storage(plan.location(TUNE_DIR))  # on a bucket: its path there and the pyarrow filesystem
     return tune.Tuner.restore(
-        str(plan.sweep_dir / TUNE_DIR),
+        experiment["storage_path"],
+        storage_filesystem=experiment.get("storage_filesystem"),
         trainable=trainable,
         resume_unfinished=True,
         resume_errored=False,
@@ -139,14 +159,15 @@ def _restored_tuner(plan: SweepPlan, trainable: Any) -> Any:
 
 
 def write_results(plan: SweepPlan, trials: list[TrialRecord]) -> SweepResult:
-    """Save the table (CSV, JSON) and plot, export the best model and log the sweep to W&B."""
+    """Save the table (CSV, JSON) and plot, export the best model and log the sweep to W&B (on a bucket, each
+    written in the scratch and published to the sweep folder)."""
     best = best_trial(trials, plan.mode)
     best_model = export_best_model(plan, best)
     csv_path, json_path = write_table(plan, trials, best, best_model)
     plot = plot_learning_curves(trials, plan.metric, best.trial_id if best else None, plan.sweep_dir)
     wandb_path = log_sweep_to_wandb(plan, trials, best, plot)
     return SweepResult(
-        sweep_dir=plan.sweep_dir,
+        sweep_dir=plan.folder if plan.on_bucket else plan.sweep_dir,
         metric=plan.metric,
         mode=plan.mode,
         trials=trials,
@@ -154,7 +175,7 @@ def write_results(plan: SweepPlan, trials: list[TrialRecord]) -> SweepResult:
         best_model=best_model,
         results_csv=csv_path,
         results_json=json_path,
-        plot=plot,
+        plot=plan.publish(plot) if plot is not None else None,
         wandb=wandb_path,
     )
 
@@ -184,15 +205,15 @@ def _new_tuner(plan: SweepPlan, trainable: Any, concurrency: int, *, verbose: bo
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR,
-            storage_path=str(plan.sweep_dir),
+            **ray_storage(plan.folder),  # on a bucket: Tune's experiment state there, through orchestrator.storage
             stop=MetricStopper(
                 metric=plan.metric,
                 mode=plan.mode,
                 stop_on_nan=t.stop_on_nan,
                 plateau=t.plateau.model_dump() if t.plateau else None,
-                sweep_dir=str(plan.sweep_dir),
+                sweep_dir=plan.folder,
             ),
-            callbacks=[SweepLog(str(plan.sweep_dir), plan.metric, verbose=verbose)],
+            callbacks=[SweepLog(plan.folder, plan.metric, verbose=verbose)],
             failure_config=tune.FailureConfig(max_failures=0),  # a failing trial is recorded; the sweep goes on
             verbose=0,
         ),

@@ -1,7 +1,9 @@
 """Driver-side Tune plug-ins of a sweep: early stopping on NaN / plateau, and the sweep's event log.
 
 Every trial event (start, stop and why, complete, error) is appended to ``<sweep dir>/trial_events.jsonl``
-(:func:`log_event`); the results read it back (:func:`read_events`) to tell why a trial ended early.
+(:func:`log_event`); the results read it back (:func:`read_events`) to tell why a trial ended early. A sweep on a
+bucket appends to its local scratch copy and uploads the whole file after every event (a few per trial, each
+one PUT), so a driver that dies loses none and a resume on another machine reads them from the bucket.
 """
 
 from __future__ import annotations
@@ -12,21 +14,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orchestrator.storage as storage
+from orchestrator.run_outputs import publish_file, restore_file, scratch_dir
 from orchestrator.tune.sweep_plan import EVENTS_FILE
 
 
-def log_event(sweep_dir: str | Path, event: dict[str, Any]) -> None:
-    """Append one event to the sweep's event log."""
-    with open(Path(sweep_dir) / EVENTS_FILE, "a", encoding="utf-8") as f:
+def log_event(sweep_folder: str | Path, event: dict[str, Any]) -> None:
+    """Append one event to the sweep's event log (``sweep_folder``: a local path, or the sweep's URI).
+
+    Raises:
+        StorageError: on a bucket, naming the log's URI when it cannot be uploaded.
+    """
+    remote = storage.join(str(sweep_folder), EVENTS_FILE) if storage.is_uri(sweep_folder) else None
+    local = (scratch_dir(str(sweep_folder)) if remote else Path(sweep_folder)) / EVENTS_FILE
+    if remote:
+        restore_file(remote, local)  # the scratch was lost (or this is another machine): continue the bucket's
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with open(local, "a", encoding="utf-8") as f:
         f.write(json.dumps(event, default=str) + "\n")
+    if remote:
+        publish_file(local, remote)
 
 
-def read_events(sweep_dir: Path) -> list[dict[str, Any]]:
-    """The sweep's event log, oldest first (empty when there is none yet)."""
-    path = sweep_dir / EVENTS_FILE
-    if not path.exists():
+def read_events(sweep_folder: str | Path) -> list[dict[str, Any]]:
+    """The sweep's event log, oldest first (empty when there is none yet); a bucket's copy for a URI."""
+    path = storage.join(str(sweep_folder), EVENTS_FILE)
+    if not storage.is_file(path):
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def finite(value: Any) -> bool:

@@ -4,12 +4,17 @@
 sweep's name, reports every problem at once, and returns a :class:`SweepPlan`. :func:`trial_concurrency` sizes
 trial concurrency so that running trials always get all their workers.
 
-Layout of ``<output.dir>/<name>/`` (the sweep dir)::
+Layout of ``<output.dir>/<name>/`` (the sweep folder: a local path, or a URI such as ``s3://bucket/sweeps/x``)::
 
     sweep_config.yaml   the validated job, paths absolute (``--resume`` reads it)
     tune/               the Ray Tune experiment (Tuner.restore)
     trials/<name>-<trial id>/   each trial's run folder (metrics.jsonl, wandb/, best/, ray/ checkpoints)
     results.csv, results.json, learning_curves.png, best_model/, trial_events.jsonl
+
+On a bucket, the folder there is the truth, as for a train run's (``orchestrator.run_outputs``): Tune keeps its
+experiment state there through the pyarrow filesystem of ``orchestrator.storage``, each trial is a bucket run,
+and the driver writes the sweep's own files in a local scratch folder (:attr:`SweepPlan.sweep_dir`) and
+publishes them (:meth:`SweepPlan.publish`); the scratch may be lost, ``--resume <URI>`` needs only the bucket.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orchestrator.storage as storage
 from orchestrator.config import JobConfig, TuneSection, config_from_dict, set_dotted
 from orchestrator.config.search_space import Distribution, check_search_space, parse_search_space
 from orchestrator.errors import ConfigError, ConfigIssue, OrchestratorError, TrainingError
+from orchestrator.run_outputs import publish_file, publish_folder, run_folder, scratch_dir
 
 if TYPE_CHECKING:
     from orchestrator.data.sources import PreparedData
@@ -53,9 +60,39 @@ class SweepPlan:
     space: dict[str, Distribution]
     metric: str
     mode: str
-    sweep_dir: Path
+    sweep_dir: Path  # where the driver writes the sweep's files: the sweep folder, or its scratch on a bucket
     base: dict[str, Any]  # the job without its tune section, paths absolute
     evals_per_trial: int  # eval intervals of the longest trial (ASHA's max_t unless set)
+    sweep_folder: str = ""  # <output.dir>/<name>: an absolute local path or a URI (default: sweep_dir)
+
+    @property
+    def on_bucket(self) -> bool:
+        return storage.is_uri(self.folder)
+
+    @property
+    def folder(self) -> str:
+        """The sweep folder: an absolute local path or a URI."""
+        return self.sweep_folder or str(self.sweep_dir)
+
+    def location(self, *parts: str) -> str:
+        """A path in the sweep folder (a URI on a bucket)."""
+        return storage.join(self.folder, *parts)
+
+    def publish(self, local: Path) -> Path | str:
+        """Where a file or folder the driver wrote in :attr:`sweep_dir` is read from: the local path itself, or,
+        on a bucket, its copy there (uploaded now; a folder marker-last, so a reader never sees a part of it).
+
+        Raises:
+            StorageError: naming the destination URI.
+        """
+        if not self.on_bucket:
+            return local
+        destination = self.location(local.relative_to(self.sweep_dir).as_posix())
+        if local.is_dir():
+            publish_folder(local, destination)
+        else:
+            publish_file(local, destination)
+        return destination
 
     @property
     def tune(self) -> TuneSection:
@@ -78,7 +115,7 @@ def plan_sweep(config: JobConfig, *, resume: bool = False, source: str | None = 
     space = parse_search_space(tune_cfg.search_space)
     issues = check_search_space(base, space)
     base_config = config_from_dict(base)
-    sweep_dir = (Path(config.output.dir).expanduser() / config.name).resolve()
+    folder = run_folder(config.output.dir, config.name)  # a URI when output.dir is one
     data = _check_data(base_config, source, issues)
     metric = tune_cfg.metric
     evals = 1
@@ -88,14 +125,7 @@ def plan_sweep(config: JobConfig, *, resume: bool = False, source: str | None = 
             evals = _evals_per_trial(base, space, len(data.train))
     mode = _resolve_mode(tune_cfg.mode, metric)
     _check_scheduler(tune_cfg, base_config, space, evals, issues)
-    _check_name(config, sweep_dir, resume, issues)
-    if "://" in config.output.dir:  # not <cwd>/s3:/... (what Path() made of it): say so before anything runs
-        issues.append(ConfigIssue(
-            location="output.dir",
-            message=f"{config.output.dir}: a sweep keeps its folder (Tune's experiment state, trials, results) on a "
-            "local or shared filesystem for now; `orchestrator train` runs write to a bucket",
-            hint="give the sweep a local or shared output.dir (a network volume every node mounts)",
-        ))
+    _check_name(config, folder, resume, issues)
     if issues:
         raise ConfigError(issues, source=source)
     return SweepPlan(
@@ -103,9 +133,10 @@ def plan_sweep(config: JobConfig, *, resume: bool = False, source: str | None = 
         space=space,
         metric=metric,
         mode=mode,
-        sweep_dir=sweep_dir,
+        sweep_dir=scratch_dir(folder),  # the folder itself when it is local
         base=base,
         evals_per_trial=evals,
+        sweep_folder=folder,
     )
 
 
@@ -141,7 +172,9 @@ def _base_job(config: JobConfig) -> dict[str, Any]:
 
 def _check_data(base_config: JobConfig, source: str | None, issues: list[ConfigIssue]) -> PreparedData | None:
     """The job's model and data checked as ``orchestrator train`` would (the scanned data, or None with the
-    problems added to ``issues``)."""
+    problems added to ``issues``). Its output checks probe the sweep folder ``<output.dir>/<name>`` too: on a
+    bucket a small write and delete, so a missing bucket, wrong credentials or an endpoint that does not answer
+    is reported at ``output.dir`` before any resource is taken."""
     from orchestrator.cluster.preflight import preflight
 
     try:
@@ -218,18 +251,22 @@ def _check_scheduler(
             )
 
 
-def _check_name(config: JobConfig, sweep_dir: Path, resume: bool, issues: list[ConfigIssue]) -> None:
-    """Add to ``issues`` a sweep name too long for Tune's trial names, or one that already ran (unless
-    resuming)."""
+def _check_name(config: JobConfig, sweep_folder: str, resume: bool, issues: list[ConfigIssue]) -> None:
+    """Add to ``issues`` a sweep name too long for Tune's trial names, or one that already ran in the sweep
+    folder, local or on a bucket (unless resuming)."""
     limit = 100 - 1 - _TRIAL_ID_LENGTH
     if len(config.name) > limit:
         issues.append(ConfigIssue(location="name", message=f"a sweep name has at most {limit} characters"))
-    if not resume and (sweep_dir / TUNE_DIR).exists():
+    try:
+        ran = not resume and storage.exists(storage.join(sweep_folder, TUNE_DIR))
+    except storage.StorageError:
+        ran = False  # an unreadable bucket: the output probe (_check_data's preflight) names the problem
+    if ran:
         issues.append(
             ConfigIssue(
                 location="name",
-                message=f"a sweep named {config.name!r} already ran in {sweep_dir}",
-                hint=f"continue it with: orchestrator sweep --resume {sweep_dir} (or choose another name)",
+                message=f"a sweep named {config.name!r} already ran in {sweep_folder}",
+                hint=f"continue it with: orchestrator sweep --resume {sweep_folder} (or choose another name)",
             )
         )
 

@@ -3,7 +3,8 @@
 A finished (or restored) Tune experiment is collected into :class:`TrialRecord` s (params, metric, steps, how
 the trial ended and why); they become ``results.csv`` / ``results.json`` (every trial), ``learning_curves.png``
 (every trial's metric per step) and ``best_model/`` (the best trial's model as an HF folder), gathered in a
-:class:`SweepResult`. W&B logging of the same is in :mod:`orchestrator.tune.sweep_wandb`.
+:class:`SweepResult`. W&B logging of the same is in :mod:`orchestrator.tune.sweep_wandb`. On a bucket, each file
+is written in the driver's scratch and published (:meth:`SweepPlan.publish`); the result then names the URIs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orchestrator.storage as storage
+from orchestrator.run_outputs import EXPORT_MARKER, is_published
 from orchestrator.tracking import read_metrics
 from orchestrator.tune.sweep_events import finite, read_events
 from orchestrator.tune.sweep_plan import BEST_MODEL_DIR, TRIALS_DIR, SweepPlan
@@ -34,27 +37,29 @@ class TrialRecord:
     steps: int | None
     stop_reason: str | None = None
     error: str | None = None
-    run_dir: str | None = None
+    run_dir: str | None = None  # the trial's run folder: a local path or a URI
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) per eval
 
 
 @dataclass
 class SweepResult:
-    sweep_dir: Path
+    """What a sweep left; every location a ``Path`` for a local sweep folder, the URI string on a bucket."""
+
+    sweep_dir: Path | str
     metric: str
     mode: str
     trials: list[TrialRecord]
     best: TrialRecord | None
-    best_model: Path | None
-    results_csv: Path
-    results_json: Path
-    plot: Path | None
+    best_model: Path | str | None
+    results_csv: Path | str
+    results_json: Path | str
+    plot: Path | str | None
     wandb: str | None
 
 
 def collect_trials(plan: SweepPlan, grid: Any) -> list[TrialRecord]:
     """One record per trial of a finished (or restored) Tune experiment."""
-    events = read_events(plan.sweep_dir)
+    events = read_events(plan.folder)
     stop_reasons = {e["trial_id"]: e["reason"] for e in events if e.get("event") == "stop"}
     budget_ends = [
         e["time"] + plan.tune.time_budget_s
@@ -70,7 +75,7 @@ def collect_trials(plan: SweepPlan, grid: Any) -> list[TrialRecord]:
         last = result.metrics or {}
         values = [v for _, v in history if finite(v)]
         best = (max(values) if plan.mode == "max" else min(values)) if values else None
-        run_dir = plan.sweep_dir / TRIALS_DIR / trial_job_name(plan.name, trial_id)
+        run_dir = plan.location(TRIALS_DIR, trial_job_name(plan.name, trial_id))
         trained = [r["step"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
         steps = max(trained) if trained else (int(last["step"]) if finite(last.get("step")) else None)
         record = TrialRecord(
@@ -80,7 +85,7 @@ def collect_trials(plan: SweepPlan, grid: Any) -> list[TrialRecord]:
             best_metric=best,
             last_metric=history[-1][1] if history else None,
             steps=steps,
-            run_dir=str(run_dir),
+            run_dir=run_dir,
             history=history,
         )
         if result.error is not None:
@@ -130,27 +135,31 @@ def best_trial(trials: list[TrialRecord], mode: str) -> TrialRecord | None:
     return max(scored, key=key)
 
 
-def export_best_model(plan: SweepPlan, best: TrialRecord | None) -> Path | None:
+def export_best_model(plan: SweepPlan, best: TrialRecord | None) -> Path | str | None:
     """Copy the best trial's model (its ``best/`` checkpoint, else ``final/``) to ``<sweep dir>/best_model``, when
-    ``tune.export_best`` is on; the folder, or None when nothing was exported."""
+    ``tune.export_best`` is on; the folder (its URI on a bucket), or None when nothing was exported."""
     if best is None or not plan.tune.export_best or not best.run_dir:
         return None
-    source = Path(best.run_dir) / "best"
-    if not source.is_dir():
-        source = Path(best.run_dir) / "final"
-    if not source.is_dir():
+    sources = [storage.join(best.run_dir, name) for name in ("best", "final")]
+    source = next((s for s in sources if is_published(s)), None)  # on a bucket: complete exports only
+    if source is None:
         return None
     best_model = plan.sweep_dir / BEST_MODEL_DIR
     if best_model.exists():
         shutil.rmtree(best_model)
-    shutil.copytree(source, best_model)
-    return best_model
+    if storage.is_uri(source):
+        storage.download(source, best_model)
+        (best_model / EXPORT_MARKER).unlink(missing_ok=True)  # the copy gets its own marker when published
+    else:
+        shutil.copytree(source, best_model)
+    return plan.publish(best_model)
 
 
 def write_table(
-    plan: SweepPlan, trials: list[TrialRecord], best: TrialRecord | None, best_model: Path | None
-) -> tuple[Path, Path]:
-    """Save every trial as ``results.csv`` and, with the best trial, as ``results.json``; their paths."""
+    plan: SweepPlan, trials: list[TrialRecord], best: TrialRecord | None, best_model: Path | str | None
+) -> tuple[Path | str, Path | str]:
+    """Save every trial as ``results.csv`` and, with the best trial, as ``results.json``; where they are read
+    (their URIs on a bucket)."""
     params = sorted({p for t in trials for p in t.params})
     csv_path = plan.sweep_dir / "results.csv"
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -176,7 +185,7 @@ def write_table(
         "trials": [asdict(t) for t in trials],
     }
     json_path.write_text(json.dumps(summary, indent=2, default=str))
-    return csv_path, json_path
+    return plan.publish(csv_path), plan.publish(json_path)
 
 
 _LINE_STYLES = {"completed": "-", "early_stopped": "--", "error": ":"}

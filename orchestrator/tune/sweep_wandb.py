@@ -2,7 +2,8 @@
 
 Trials stream their own runs from rank 0 while they train (:mod:`orchestrator.tune.trial`); once the sweep
 ends, :func:`log_sweep_to_wandb` marks how each stopped or failed trial ended and logs the summary run (the
-trials table, the learning curves and the best trial).
+trials table, the learning curves and the best trial). W&B writes in local folders; a sweep on a bucket keeps
+the summary run's id there (a resume on another machine logs to the same run) and uploads offline runs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import orchestrator.storage as storage
+from orchestrator.run_outputs import scratch_dir
 from orchestrator.tracking import WANDB_ID_FILE, resolve_wandb_mode
 from orchestrator.tune.sweep_plan import SweepPlan
 from orchestrator.tune.sweep_results import TrialRecord
@@ -38,6 +41,9 @@ def log_sweep_to_wandb(
     _log_summary(wandb, run, trials, best, plot)
     path = str(plan.sweep_dir / "wandb") if mode == "offline" else run.url
     run.finish()
+    if mode == "offline" and plan.on_bucket:  # offline runs, for a later `wandb sync` from anywhere
+        path = plan.location("wandb")
+        storage.upload(plan.sweep_dir / "wandb", path)
     return path
 
 
@@ -45,18 +51,22 @@ def _mark_trial_runs(wandb: Any, trials: list[TrialRecord], common: dict[str, An
     """Resume the W&B run of each trial that did not close it itself (stopped without warning, or failed) and
     record its status, stop reason and steps."""
     for t in trials:
-        id_file = Path(t.run_dir or "") / WANDB_ID_FILE
-        if t.status == "completed" or not id_file.is_file():
+        if t.status == "completed" or not t.run_dir:
             continue
-        if t.status == "early_stopped" and ended_gracefully(t.run_dir or ""):
+        id_file = storage.join(t.run_dir, WANDB_ID_FILE)  # on a bucket: the copy the trial published
+        if not storage.is_file(id_file):
+            continue
+        if t.status == "early_stopped" and ended_gracefully(t.run_dir):
             continue  # rank 0 closed the run itself, marked early-stopped
+        local = scratch_dir(t.run_dir)  # W&B writes locally: the run folder, or its scratch on a bucket
+        local.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
             **common,
             job_type="trial",
             name=t.trial_id,
-            id=id_file.read_text().strip(),
+            id=storage.read_text(id_file).strip(),
             resume="allow",
-            dir=t.run_dir,
+            dir=str(local),
             settings=settings,
         )
         run.tags = tuple(dict.fromkeys([*(run.tags or ()), t.status.replace("_", "-")]))
@@ -64,13 +74,15 @@ def _mark_trial_runs(wandb: Any, trials: list[TrialRecord], common: dict[str, An
             {"sweep/status": t.status, "sweep/stop_reason": t.stop_reason or "", "sweep/steps": t.steps or 0}
         )
         run.finish(exit_code=1 if t.status == "error" else 0)
+        if storage.is_uri(t.run_dir) and (local / "wandb").is_dir():  # beside the trial's own offline run
+            storage.upload(local / "wandb", storage.join(t.run_dir, "wandb"))
 
 
 def _summary_run(wandb: Any, plan: SweepPlan, common: dict[str, Any], settings: Any) -> Any:
     """The sweep's summary run (its id kept in the sweep dir, so a resumed sweep logs to the same run)."""
-    id_file = plan.sweep_dir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-    id_file.write_text(run_id)
+    id_file = plan.location(WANDB_ID_FILE)  # on a bucket: there, so a resume from another machine finds it
+    run_id = storage.read_text(id_file).strip() if storage.is_file(id_file) else uuid.uuid4().hex[:8]
+    storage.write_text(id_file, run_id)
     return wandb.init(
         **common,
         job_type="sweep",

@@ -17,6 +17,10 @@ workers that never come. The trial therefore keeps a line to its Train run:
   kills it if that does not finish either.
 * :func:`trial_trainable` makes Tune's ``Trainable.stop`` wait for all this: by default it returns at once
   and the trial actor exits, cutting the cleanup short.
+
+With ``output.dir`` on a bucket each trial is a bucket run (``orchestrator.run_outputs``): its run folder, Train
+checkpoints and exports are there, the trial actor stages in a local scratch, and the trial's log is uploaded
+beside its metrics.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orchestrator.storage as storage
 from orchestrator.config import JobConfig, config_from_dict
+from orchestrator.run_outputs import SCRATCH_ENV, publish_file, remote_child, restore_file
 
 # In a Tune checkpoint (PBT): which trial and Train run it came from, beside the Train checkpoint in train/.
 POINTER_FILE = "origin.json"
@@ -61,6 +67,8 @@ class TrialPlan:
         mode: 'max' or 'min'.
         use_gpu: whether trial workers take GPUs.
         checkpoints_to_tune: also hand every Train checkpoint to Tune (PBT exploits through them).
+        scratch_root: the driver's ``ORCHESTRATOR_SCRATCH``, where a bucket trial stages its files (a trial actor
+            runs in the cluster's environment, not the driver's; None: each node's default).
     """
 
     base: dict[str, Any]
@@ -70,6 +78,7 @@ class TrialPlan:
     mode: str
     use_gpu: bool
     checkpoints_to_tune: bool = False
+    scratch_root: str | None = None
 
 
 def trial_job_name(sweep_name: str, trial_id: str) -> str:
@@ -106,12 +115,20 @@ class ReportRelay(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         import ray
 
-        item = ("report", dict(metrics[0]), checkpoint.path if checkpoint else None)
+        item = ("report", dict(metrics[0]), _checkpoint_location(checkpoint) if checkpoint else None)
         try:
             ray.get(self._inbox.actor.put_nowait.remote(item))
             self._acks.get(block=True, timeout=24 * 3600)
         except Exception:  # the trial is gone (its queues die with it): nothing to wait for
             return
+
+
+def _checkpoint_location(checkpoint: Any) -> str:
+    """A Train checkpoint's folder as a local path or a URI (Ray gives a bucket's path without its scheme)."""
+    kind = getattr(checkpoint.filesystem, "type_name", "local")
+    if kind in ("s3", "gcs"):
+        return f"{'gs' if kind == 'gcs' else 's3'}://{checkpoint.path}"
+    return str(checkpoint.path)
 
 
 class ControllerAnnouncer(ControllerCallback):
@@ -178,7 +195,10 @@ def _tune_checkpoint(folder: Path, train_checkpoint: str, trial_id: str, run_nam
     came from. Tune persists it in the trial's folder, so it outlives Train's own checkpoint rotation."""
     from ray import tune
 
-    shutil.copytree(train_checkpoint, folder / "train", copy_function=_link_or_copy)
+    if storage.is_uri(train_checkpoint):  # a bucket trial's checkpoint: Tune uploads this copy to its own folder
+        storage.download(train_checkpoint, folder / "train")
+    else:
+        shutil.copytree(train_checkpoint, folder / "train", copy_function=_link_or_copy)
     (folder / POINTER_FILE).write_text(json.dumps({"trial_id": trial_id, "run_name": run_name, "step": step}))
     return tune.Checkpoint.from_directory(str(folder))
 
@@ -268,6 +288,8 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     from orchestrator.cluster.preflight import preflight
 
     trial_id = tune.get_context().get_trial_id()
+    if plan.scratch_root:  # before preflight: it names the trial's scratch (and build_trainer passes it on)
+        os.environ[SCRATCH_ENV] = plan.scratch_root
     config = trial_config(plan, params, trial_id)
     checked = preflight(config, resume=True)
     init_checkpoint, run_name = start_point(trial_id, checked.run_dir, config.name)
@@ -284,7 +306,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     )
     fit = _Fit(trainer)
     fit.start()
-    run = _TrainRun(fit, inbox, acks, stop_signal, checked.run_dir)
+    run = _TrainRun(fit, inbox, acks, stop_signal, checked.run_dir, remote_child(checked.run_folder, TRIAL_LOG))
     try:
         while True:
             try:
@@ -335,13 +357,25 @@ class _TrainRun:
     acks: Any
     stop_signal: Any
     run_dir: Path
+    log_uri: str | None = None  # on a bucket: where the trial's log is uploaded after every line
     controller: Any = None
     finishing: bool = False  # the last step was reported: the run is exporting and closing W&B
 
     def note(self, text: str) -> None:
         """A line in the trial's own log (``<run dir>/sweep_trial.log``): how its Train run ended."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.log_uri is not None:  # a resumed trial on a fresh scratch continues the bucket's log
+            try:
+                restore_file(self.log_uri, self.run_dir / TRIAL_LOG)
+            except OSError:
+                pass  # the line is still recorded locally; how a trial ended must not fail its cleanup
         with open(self.run_dir / TRIAL_LOG, "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        if self.log_uri is not None:
+            try:
+                publish_file(self.run_dir / TRIAL_LOG, self.log_uri)
+            except OSError:
+                pass  # a log line is not worth failing the trial's cleanup; the next note uploads it again
 
     def end(self) -> None:
         """Ask the workers to stop after their current step (they close W&B and return, the run frees its
@@ -390,6 +424,7 @@ class _TrainRun:
 
 
 def ended_gracefully(run_dir: str | Path) -> bool:
-    """Whether a stopped trial's workers ended on their own (so rank 0 closed and marked its W&B run)."""
-    log = Path(run_dir) / TRIAL_LOG
-    return log.is_file() and GRACEFUL_NOTE in log.read_text(encoding="utf-8")
+    """Whether a stopped trial's workers ended on their own (so rank 0 closed and marked its W&B run); ``run_dir``
+    is the trial's run folder, a local path or a URI."""
+    log = storage.join(str(run_dir), TRIAL_LOG)
+    return storage.is_file(log) and GRACEFUL_NOTE in storage.read_text(log)
