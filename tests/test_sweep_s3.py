@@ -139,3 +139,31 @@ def test_a_bucket_trials_log_is_on_the_bucket_and_says_how_it_ended(s3_bucket, s
     lines = storage.read_text(f"{folder}/{TRIAL_LOG}").splitlines()
     assert [line.split(" ", 2)[2] for line in lines] == ["Tune stopped the trial; ending its Train run", GRACEFUL_NOTE]
     assert ended_gracefully(folder)  # read on the driver from the bucket, as sweep_wandb does
+
+
+def test_a_pbt_trial_on_a_bucket_inherits_its_donors_checkpoint_through_the_bucket(s3_bucket, tmp_path, monkeypatch):
+    """A PBT exploit hands a trial another trial's checkpoint: on a bucket the copy goes to the trial's run folder
+    there (a worker on another node cannot read the driver's scratch), and the workers open it from its URI."""
+    import json
+
+    import ray.tune
+
+    from orchestrator.train.checkpointing import checkpoint_at
+    from orchestrator.tune import trial
+    from orchestrator.tune.trial import POINTER_FILE, start_point
+
+    donor = tmp_path / "donor"
+    (donor / "train" / "step_4").mkdir(parents=True)
+    (donor / "train" / "step_4" / "model_states.pt").write_bytes(b"weights")
+    (donor / POINTER_FILE).write_text(json.dumps({"trial_id": "t1", "run_name": "job", "step": 4}))
+    monkeypatch.setattr(ray.tune, "get_checkpoint", lambda: ray.tune.Checkpoint(str(donor)))
+    run_folder = f"{s3_bucket}/sweeps/s/trials/t2"
+
+    init, run_name = start_point("t2", tmp_path / "scratch" / "t2", "job", run_folder)
+
+    assert run_name == "job-from-t1-4" and init == f"{run_folder}/inherited/job-from-t1-4"
+    assert storage.read_bytes(f"{init}/step_4/model_states.pt") == b"weights"
+    assert not (tmp_path / "scratch").exists()  # nothing only this node could read
+    with checkpoint_at(init).as_directory() as folder:  # what the trial's workers open
+        assert (Path(folder) / "step_4" / "model_states.pt").read_bytes() == b"weights"
+    assert trial.start_point("t2", tmp_path / "local", "job")[0] == str(tmp_path / "local" / "inherited" / run_name)

@@ -122,6 +122,19 @@ def save_checkpoint(
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def checkpoint_at(path: str) -> Any:
+    """A Ray Train checkpoint at a local folder or a URI (the bucket's pyarrow filesystem from
+    ``orchestrator.storage``, the one client configuration every other read of the bucket uses)."""
+    import ray.train
+
+    from orchestrator import storage
+
+    if not storage.is_uri(path):
+        return ray.train.Checkpoint(path)
+    filesystem, inner = storage.resolve(path)
+    return ray.train.Checkpoint(inner, filesystem=filesystem)
+
+
 def load_checkpoint(
     engine: Any, checkpoint: Any, *, rank: int, local_rank: int, universal: bool, load_lr_scheduler: bool
 ) -> tuple[TrainState, bool]:

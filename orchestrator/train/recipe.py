@@ -53,7 +53,7 @@ from orchestrator.train.callbacks import (
     UnfreezeSchedule,
     WeightAnchorLoss,
 )
-from orchestrator.train.checkpointing import STATE_FILE, TrainState, load_checkpoint, save_checkpoint
+from orchestrator.train.checkpointing import STATE_FILE, TrainState, checkpoint_at, load_checkpoint, save_checkpoint
 from orchestrator.train.engine import (
     build_deepspeed_config,
     build_optimizer,
@@ -232,7 +232,7 @@ class TrainRecipe:
         # A PBT sweep trial may continue another trial's model and optimizer moments with its own hyperparameters.
         self.inherited = self.start_checkpoint is None and bool(self.payload.get("init_checkpoint"))
         if self.inherited:
-            self.start_checkpoint = ray.train.Checkpoint(self.payload["init_checkpoint"])
+            self.start_checkpoint = checkpoint_at(self.payload["init_checkpoint"])
         # A checkpoint written by another number of workers is re-sharded on load (orchestrator.train.reshard explains
         # how); its state is read first because the engine must be built for that.
         self.saved = read_saved_state(self.start_checkpoint, STATE_FILE) if self.start_checkpoint is not None else None

@@ -210,12 +210,15 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def start_point(trial_id: str, run_dir: Path, job_name: str) -> tuple[str | None, str]:
+def start_point(
+    trial_id: str, run_dir: Path, job_name: str, run_folder: str | None = None
+) -> tuple[str | None, str]:
     """Where a trial's Train run starts: ``(init_checkpoint, run_name)``.
 
     * A fresh trial: no checkpoint, the Train run named after the job.
-    * PBT handed it another trial's checkpoint: that checkpoint (copied into the trial's folder) and a new
-      Train run name, so Train does not resume the trial's own earlier run instead.
+    * PBT handed it another trial's checkpoint: that checkpoint (copied into the trial's folder: for a run folder
+      on a bucket, ``run_folder``, uploaded there, so workers on any node read it) and a new Train run name, so
+      Train does not resume the trial's own earlier run instead.
     * Tune restarts the trial from its own checkpoint (the sweep is resumed): the Train run it last used,
       which resumes from its own storage.
     """
@@ -232,6 +235,11 @@ def start_point(trial_id: str, run_dir: Path, job_name: str) -> tuple[str | None
         if pointer["trial_id"] == trial_id:
             return None, pointer["run_name"]
         run_name = f"{job_name}-from-{pointer['trial_id']}-{pointer['step']}"
+        if run_folder is not None and storage.is_uri(run_folder):
+            remote = storage.join(run_folder, "inherited", run_name)
+            if not storage.list_files(remote):  # a trial restarted after the upload reuses it
+                storage.upload(Path(folder) / "train", remote)
+            return remote, run_name
         inherited = run_dir / "inherited" / run_name
         if not inherited.exists():
             shutil.copytree(Path(folder) / "train", inherited)
@@ -292,7 +300,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
         os.environ[SCRATCH_ENV] = plan.scratch_root
     config = trial_config(plan, params, trial_id)
     checked = preflight(config, resume=True)
-    init_checkpoint, run_name = start_point(trial_id, checked.run_dir, config.name)
+    init_checkpoint, run_name = start_point(trial_id, checked.run_dir, config.name, checked.run_folder)
     inbox = Queue(actor_options={"num_cpus": 0})  # controller -> trial: reports, the controller's handle
     acks = Queue(actor_options={"num_cpus": 0})  # trial -> controller: "result taken"
     stop_signal = ray.remote(num_cpus=0)(StopSignal).remote()
