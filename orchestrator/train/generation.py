@@ -104,7 +104,10 @@ def generation_metrics(
     model = generating_model(engine)
     was_training = model.training
     model.eval()
-    synced = zero_stage == 3 and world_size > 1
+    # Partitioned weights (ZeRO-3, or a distillation teacher sharded beside a ZeRO-2 student) are gathered in
+    # every forward: every rank must run as many forwards as the longest-generating one.
+    partitioned = zero_stage == 3 or any(hasattr(p, "ds_id") for p in model.parameters())
+    synced = partitioned and world_size > 1
     reader, encoder = generation_set.reader, generation_set.encoder
     totals = torch.zeros(2, dtype=torch.float64)
     started, shown = time.perf_counter(), False
