@@ -127,7 +127,7 @@ def checkpoint_at(path: str) -> Any:
     ``orchestrator.storage``, the one client configuration every other read of the bucket uses)."""
     import ray.train
 
-    from orchestrator import storage
+    import orchestrator.storage as storage
 
     if not storage.is_uri(path):
         return ray.train.Checkpoint(path)
