@@ -107,11 +107,12 @@ def run_job(job: dict[str, Any], *, warmup: int = 5) -> dict[str, Any]:
         "rss_before_model_mb": start.get("memory/rss_before_model_mb"),
         "run_dir": str(result.run_dir),
     }
-    if len(steady) >= 2:
-        before = next(r for r in train if r["step"] == warmup)
-        seconds = steady[-1]["time"] - before["time"]
-        summary["samples_per_s"] = len(steady) * batch / seconds
-        summary["step_s"] = seconds / len(steady)
+    before = [r for r in train if r["step"] <= warmup]
+    if steady and before:  # the last record at or before `warmup` (a job may log only every N steps)
+        steps = steady[-1]["step"] - before[-1]["step"]
+        seconds = steady[-1]["time"] - before[-1]["time"]
+        summary["samples_per_s"] = steps * batch / seconds
+        summary["step_s"] = seconds / steps
     if evals:
         summary["eval"] = {k: v for k, v in evals[-1].items() if "/" in k}
     return summary

@@ -10,17 +10,21 @@
    of the teacher's.
 
     .venv/bin/python benchmarks/sft_chat.py --out benchmarks/results/sft_chat.json
+
+``--work DIR`` keeps the data, the models and the run folders there (e.g. to quantize the answers-only model's
+``final/`` with benchmarks/quantize.py --causal-lm); without it they live in a temp folder removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import DATA, ROOT, run_job, write_result
+from common import DATA, ROOT, command_line, run_job, write_result
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -57,32 +61,34 @@ def main() -> None:
     import sys
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every run")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every run")
     parser.add_argument("--batch", type=int, default=32, help="rows per step (over 2 workers)")
     parser.add_argument("--hidden", type=int, default=128, help="width of the chat Llama")
     parser.add_argument("--layers", type=int, default=4, help="blocks of the chat Llama (the student keeps half)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every run")
+    parser.add_argument("--work", type=Path, default=None, help="keep data, models and runs here (default: temp)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "scripts"))
     from make_chat_data import build_chat_model, convert
 
     stamp = int(time.time())
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        out = args.work.resolve() if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for split in ("train", "test"):
             convert(DATA / "agnews" / f"{split}.tsv", out / "chat" / f"{split}.jsonl")
         model = build_chat_model(out / "chat-llama", hidden=args.hidden, layers=args.layers)
-        common = {"steps": args.steps, "lr": 1e-3, "batch": args.batch}
-        runs = {
+        common = {"steps": args.steps, "lr": args.lr, "batch": args.batch}
+        runs = {  # warmup 10: the jobs log every 10 steps
             train_on: run_job(chat_job(f"sft-{train_on}-{stamp}", out, out / "chat", model, train_on=train_on,
-                                       **common))
+                                       **common), warmup=10)
             for train_on in ("completions", "all")
         }
         teacher = Path(runs["completions"]["run_dir"]) / "final"
         runs["student"] = run_job(chat_job(
             f"sft-student-{stamp}", out, out / "chat", out / "chat-llama", train_on="completions", method="distill",
             distill={"teacher": str(teacher), "student_init": "teacher_layers", "keep_every": 2, "alpha": 0.5,
-                     "kd_weight": 0.5, "temperature": 2.0}, **common))
+                     "kd_weight": 0.5, "temperature": 2.0}, **common), warmup=10)
     em = {name: run["eval"]["agnews_chat_test/exact_match"] for name, run in runs.items()}
     write_result(args.out, {
         "exact_match": em,
@@ -90,8 +96,8 @@ def main() -> None:
         "student_over_teacher": em["student"] / max(em["completions"], 1e-9),
         "teacher_blocks": args.layers, "student_blocks": args.layers // 2,
         "params": {name: run["params_total"] for name, run in runs.items()},
-        "runs": runs, "steps": args.steps, "batch": args.batch,
-        "command": "python benchmarks/sft_chat.py --out benchmarks/results/sft_chat.json",
+        "runs": runs, "steps": args.steps, "batch": args.batch, "lr": args.lr, "hidden": args.hidden,
+        "command": command_line(),
     })
 
 

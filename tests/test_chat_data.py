@@ -118,7 +118,10 @@ def test_prompt_and_reference_for_generation(tokenizer: Any) -> None:
     row = {"messages": CHAT, "label": -1}
 
     rendered = tokenizer.apply_chat_template(CHAT[:4], chat_template=CHATML, tokenize=False, add_generation_prompt=True)
-    assert enc.prompt(row) == ids(tokenizer, rendered)
+    prompt = enc.prompt(row)
+    # The earlier answer is closed by the inserted end-of-text token, as in training: the training sequence's prefix.
+    assert [t for t in prompt if t != tokenizer.sep_token_id] == ids(tokenizer, rendered)
+    assert prompt.count(tokenizer.sep_token_id) == 1 and prompt == enc.encode(row)["input_ids"][: len(prompt)]
     assert rendered.endswith("<|im_start|>assistant\n")
     assert enc.reference(row) == "Rome, surely"
 

@@ -188,12 +188,14 @@ class Encoder:
             return self._encode_text(row)
         if self.kind == "prompt_completion" and self.template is None:
             return self._encode_concatenated(row, where)
-        ids, answer = self._chat_tokens(self._messages(row), where)
-        return self._finish(ids, answer, where)
+        ids, owners = self._chat_tokens(self._messages(row), where)
+        return self._finish(ids, [j is not None for j in owners], where)
 
     def prompt(self, row: dict[str, Any], where: Where = None) -> list[int]:
-        """The token ids to generate the answer from: the conversation before its last assistant turn, rendered
-        with the generation prompt (for prompt/completion rows, the prompt as encoded for training).
+        """The token ids to generate the answer from: the training sequence of the conversation up to the first
+        token of its last assistant turn (for prompt/completion rows, the prompt as encoded for training). So the
+        model sees what it saw in training: the earlier answers closed by the inserted end-of-text token, and no
+        lone trailing space where BPE merged the template's space into the answer's first token (`` Paris``).
 
         Raises:
             BadRowError: the template fails on the row, or the prompt leaves no room within max_length.
@@ -205,8 +207,9 @@ class Encoder:
         else:
             messages = self._messages(row)
             last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
-            text = self._render(messages[:last], where, add_generation_prompt=True)
-            ids = self._tokens(text)
+            ids, owners = self._chat_tokens(messages[: last + 1], where)
+            turn = sum(m["role"] == "assistant" for m in messages[:last])  # the last answer's span index
+            ids = ids[: owners.index(turn)] if turn in owners else self._generation_prompt(messages[:last], where)
         if len(ids) >= self.max_length:
             raise self._bad(
                 where,
@@ -291,9 +294,14 @@ class Encoder:
             ]
         return list(row["messages"])
 
-    def _chat_tokens(self, messages: list[dict[str, Any]], where: Where) -> tuple[list[int], list[bool]]:
-        """The whole conversation's token ids and, per token, whether it is an assistant's (EOS inserted after
-        every assistant turn that the template does not end with it)."""
+    def _generation_prompt(self, messages: list[dict[str, Any]], where: Where) -> list[int]:
+        """The template's own generation prompt, tokenized (only when the answer left no token of its own)."""
+        return self._tokens(self._render(messages, where, add_generation_prompt=True))
+
+    def _chat_tokens(self, messages: list[dict[str, Any]], where: Where) -> tuple[list[int], list[int | None]]:
+        """The whole conversation's token ids and, per token, the assistant turn it belongs to (its index among
+        the assistant turns; None: not an assistant's), EOS inserted after every assistant turn that the template
+        does not end with it."""
         text = self._render(messages, where)
         spans = self._assistant_spans(messages, text, where)
         ids, offsets = self._tokens_with_offsets(text, [c for span in spans for c in span])
@@ -302,14 +310,14 @@ class Encoder:
         last = {j: k for k, j in enumerate(owner) if j is not None}
         closed = {j for j, token in zip(owner, ids) if j is not None and token == self.eos_id}
         out_ids: list[int] = []
-        out_flags: list[bool] = []
+        out_owners: list[int | None] = []
         for k, (token, j) in enumerate(zip(ids, owner)):
             out_ids.append(token)
-            out_flags.append(j is not None)
+            out_owners.append(j)
             if j is not None and last[j] == k and j not in closed:
                 out_ids.append(int(self.eos_id))  # type: ignore[arg-type]
-                out_flags.append(True)
-        return out_ids, out_flags
+                out_owners.append(j)
+        return out_ids, out_owners
 
     def _assistant_spans(self, messages: list[dict[str, Any]], text: str, where: Where) -> list[tuple[int, int]]:
         """Character spans of the assistant turns in the rendered conversation (see the module docstring)."""
