@@ -28,7 +28,8 @@ def _upload_sst2_shard(shared_data: Path, uri: str, start: int, rows: int) -> st
     return uri
 
 
-@pytest.mark.ci
+# Slow only (122 s in CI): tests/test_continual_bucket.py runs the same two bucket rounds with a fake trainer on
+# every commit, and tests/test_storage_e2e_ray.py a real 2-worker run on the bucket.
 def test_two_rounds_with_the_base_jobs_output_dir_on_a_bucket(
     ray_cluster, s3_bucket, tiny_models, shared_data, tmp_path, monkeypatch
 ):
