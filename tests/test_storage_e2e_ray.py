@@ -5,12 +5,8 @@ with the same final metrics as an uninterrupted run (the resume tests' standard:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +18,9 @@ from orchestrator.config import config_from_dict
 from orchestrator.run_outputs import is_published
 from orchestrator.tracking import read_metrics
 from tests.conftest import tiny_job
+from tests.support.drivers import kill_driver_when
 
 pytestmark = [pytest.mark.slow, pytest.mark.ci]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _job(name: str, bucket: str, tiny_models: dict, shared_data: Path, tmp_path: Path) -> dict:
@@ -74,32 +70,16 @@ def test_a_bucket_run_killed_with_its_scratch_resumes_from_the_bucket_like_an_un
     # kill lands right after a registered checkpoint (under async, registration lagged the report by up to
     # 20 steps on this 2-core machine, and the run could end before a kill). The math is the same either way.
     job["output"]["checkpoint_upload"] = "sync"
-    (tmp_path / "job.json").write_text(json.dumps(job))
     snapshot = f"{s3_bucket}/runs/{name}/ray/{name}/checkpoint_manager_snapshot.json"
-    driver = subprocess.Popen(
-        [sys.executable, "-c",
-         "import json, sys, ray; from orchestrator.config import config_from_dict; "
-         "from orchestrator.cluster.launcher import run_training; ray.init(address=sys.argv[2], log_to_driver=False); "
-         "run_training(config_from_dict(json.load(open(sys.argv[1]))))",
-         str(tmp_path / "job.json"), ray_cluster.get_runtime_context().gcs_address],
-        cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline, killed_at = time.monotonic() + 400, None
-        while time.monotonic() < deadline and driver.poll() is None:
-            local = [p for p in scratch.glob(f"{name}-*/metrics.jsonl")]
-            steps = [r["step"] for r in read_metrics(local[0].parent) if r["kind"] == "train"] if local else []
-            if storage.exists(snapshot) and steps and max(steps) >= 11:  # a registered checkpoint, then more steps
-                killed_at = max(steps)
-                break
-            time.sleep(0.2)
-        assert driver.poll() is None and killed_at is not None, "the run ended before its driver could be killed"
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(timeout=30)
+
+    def after_a_checkpoint() -> int | None:
+        """The step reached once a checkpoint is registered and training went on (then the driver dies)."""
+        local = [p for p in scratch.glob(f"{name}-*/metrics.jsonl")]
+        steps = [r["step"] for r in read_metrics(local[0].parent) if r["kind"] == "train"] if local else []
+        return max(steps) if storage.exists(snapshot) and steps and max(steps) >= 11 else None
+
+    killed_at = kill_driver_when("orchestrator.cluster.launcher:run_training", job, ray=ray_cluster, workdir=workdir,
+                                 ready=after_a_checkpoint)  # fmt: skip
     assert killed_at < 30
     _wait_until_released(ray_cluster)
     shutil.rmtree(scratch)  # the node's scratch is gone: only the bucket knows the run

@@ -8,10 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +20,8 @@ from orchestrator.tracking import read_metrics
 from orchestrator.tune.sweep import resume_sweep, run_sweep
 from orchestrator.tune.sweep_events import read_events
 from orchestrator.tune.sweep_plan import EVENTS_FILE, SWEEP_CONFIG_FILE
-from tests.conftest import REPO, tiny_job
+from tests.conftest import tiny_job
+from tests.support.drivers import kill_driver_when
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -99,35 +96,20 @@ def test_a_killed_bucket_sweep_resumes_from_the_uri_after_its_scratch_is_lost(
     tune = {"search_space": {"training.lr": "grid([0.001, 0.002])"}, "max_concurrent_trials": 1}
     job = _job("sw-s3r", s3_bucket, tiny_models, shared_data, tmp_path, tune)
     job["training"]["max_steps"] = 12  # long enough for the kill to land mid-trial
-    (tmp_path / "sweep.json").write_text(json.dumps(job))
     folder = f"{s3_bucket}/sweeps/sw-s3r"
-    driver = subprocess.Popen(
-        [sys.executable, "-c",
-         "import json, sys, ray; from orchestrator.config import config_from_dict; "
-         "from orchestrator.tune.sweep import run_sweep; ray.init(address=sys.argv[2], log_to_driver=False); "
-         "run_sweep(config_from_dict(json.load(open(sys.argv[1]))))",
-         str(tmp_path / "sweep.json"), ray_cluster.get_runtime_context().gcs_address],
-        cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline, events, second = time.monotonic() + 400, [], None
-        while time.monotonic() < deadline and driver.poll() is None:
-            events = read_events(folder)
-            started = list(dict.fromkeys(e["trial_id"] for e in events if e["event"] == "start"))
-            second = started[1] if len(started) > 1 else None
-            # The second trial registered a checkpoint on the bucket: the resume must continue from it.
-            if second and storage.exists(f"{folder}/trials/sw-s3r-{second}/ray/sw-s3r-{second}/"
-                                         "checkpoint_manager_snapshot.json"):
-                break
-            time.sleep(0.5)
-        assert driver.poll() is None and second, "the sweep ended before it could be interrupted"
-        assert [e["event"] for e in events].count("complete") == 1
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(timeout=30)
+
+    def second_trial_checkpointed() -> tuple[list[dict[str, Any]], str] | None:
+        """The sweep's events and its second trial, once that trial registered a checkpoint on the bucket (the
+        resume must continue from it)."""
+        events = read_events(folder)
+        started = list(dict.fromkeys(e["trial_id"] for e in events if e["event"] == "start"))
+        second = started[1] if len(started) > 1 else None
+        snapshot = f"{folder}/trials/sw-s3r-{second}/ray/sw-s3r-{second}/checkpoint_manager_snapshot.json"
+        return (events, second) if second and storage.exists(snapshot) else None
+
+    events, second = kill_driver_when("orchestrator.tune.sweep:run_sweep", job, ray=ray_cluster, workdir=workdir,
+                              ready=second_trial_checkpointed, poll=0.5)  # fmt: skip
+    assert [e["event"] for e in events].count("complete") == 1
     first_id = next(e["trial_id"] for e in events if e["event"] == "complete")
     shutil.rmtree(tmp_path / "scratch")  # only the bucket knows the sweep now
 
