@@ -24,21 +24,22 @@ SPEED_SUFFIXES = ("samples_per_s", "rows_per_s")
 _NOT_EVAL_SETS = ("train", "unfreeze", "memory", "setup", "zero3", "export", "start", "delta", "end")
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def by_eval_set(record: Mapping[str, Any], sets: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
-    """``{'sst2/accuracy': .9, 'step': 6}`` → ``{'sst2': {'accuracy': .9}}`` (only ``sets`` when given)."""
+    """``{'sst2/accuracy': .9, 'step': 6}`` → ``{'sst2': {'accuracy': .9}}`` (only ``sets`` when given): the one
+    reading of a metrics record by eval set (the registry's ``metrics.eval`` too)."""
     wanted = set(sets) if sets is not None else None
     out: dict[str, dict[str, float]] = {}
     for key, value in record.items():
-        if "/" not in key or not _number(value):
+        if "/" not in key or not is_number(value):
             continue
         name, metric = key.rsplit("/", 1)
         if name.split("/")[0] in _NOT_EVAL_SETS or (wanted is not None and name not in wanted):
             continue
-        out.setdefault(name, {})[metric] = float(value)
+        out.setdefault(name, {})[metric] = value
     return out
 
 
@@ -108,7 +109,7 @@ def summary_values(comparison: Mapping[str, Any]) -> dict[str, float]:
     for size in ("params", "weight_bytes"):
         for side in ("start", "end", "ratio"):
             value = (comparison.get(size) or {}).get(side)
-            if _number(value):
+            if is_number(value):
                 out[f"{side}/{size}" if side != "ratio" else f"{size}_ratio"] = value
     return out
 

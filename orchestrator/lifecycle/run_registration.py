@@ -38,6 +38,7 @@ from orchestrator.lifecycle.registry import Registry
 from orchestrator.lifecycle.registry_records import ModelRecord, artifact_key
 from orchestrator.lifecycle.wandb_lineage import log_model_version
 from orchestrator.models.loading import resolve_quietly
+from orchestrator.start_vs_end import by_eval_set, is_number
 from orchestrator.version import __version__
 
 if TYPE_CHECKING:
@@ -150,17 +151,8 @@ def code_version() -> str:
 
 def metrics_by_eval_set(metrics: dict[str, Any]) -> dict[str, Any]:
     """``{'sst2/accuracy': .9, 'step': 6}`` → ``{'eval': {'sst2': {'accuracy': .9}}, 'step': 6}``."""
-    out: dict[str, Any] = {"eval": {}}
-    for key, value in metrics.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        if "/" in key:
-            eval_set, metric = key.rsplit("/", 1)
-            if not eval_set.startswith(("train", "unfreeze")):
-                out["eval"].setdefault(eval_set, {})[metric] = value
-                continue
-        if key in ("step", "epoch", "best_metric", "best_step"):
-            out[key] = value
+    out: dict[str, Any] = {"eval": by_eval_set(metrics)}
+    out.update({k: metrics[k] for k in ("step", "epoch", "best_metric", "best_step") if is_number(metrics.get(k))})
     return out
 
 

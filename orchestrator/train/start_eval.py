@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from orchestrator.models.loading import checkpoint_label_names, fetch_model, read_model_config
+from orchestrator.models.quantize import WEIGHT_SUFFIXES
 from orchestrator.start_vs_end import COMPARISON_KIND, START_EVAL_KIND, compare, summary_values
 
 logger = logging.getLogger(__name__)
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -73,7 +72,7 @@ def checkpoint_size(folder: str | Path | None) -> tuple[int | None, int | None]:
     export's ``adapter/`` is not counted twice. Parameters only from safetensors headers (None for pickles)."""
     if folder is None or not Path(folder).is_dir():
         return None, None
-    files = [p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)]
+    files = [p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
     if not files:
         return None, None
     size = sum(p.stat().st_size for p in files)
